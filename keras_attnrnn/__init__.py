@@ -1,0 +1,19 @@
+"""Attention-based recurrent layers for Keras 3, on jax, tensorflow and torch.
+
+Cells run in `keras.layers.RNN`; the layers of the same names run a fused
+implementation from `keras_attnrnn.ops`, chosen per backend and device.
+"""
+
+from keras_attnrnn import datasets
+from keras_attnrnn import ops
+from keras_attnrnn.attnrnn import AttnRNN
+from keras_attnrnn.attnrnn import AttnRNNCell
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AttnRNN",
+    "AttnRNNCell",
+    "datasets",
+    "ops",
+]

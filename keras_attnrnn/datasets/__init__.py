@@ -1,0 +1,1 @@
+"""Offline-first loaders for the datasets of the examples."""

@@ -1,0 +1,36 @@
+"""Functional forms of the recurrences, each dispatched through a registry.
+
+`keras_attnrnn.ops.attnrnn(...)` runs a whole sequence through the
+implementation chosen for the call: a backend's fused implementation when one
+is available and supports the call, else the portable `keras.ops` reference.
+See `registry.py` for how the choice is made, and `selected(op)` for which
+implementation ran last:
+
+>>> keras_attnrnn.ops.selected("attnrnn")
+'jax_scan'
+"""
+
+from keras_attnrnn.ops.attnrnn import attnrnn
+from keras_attnrnn.ops.registry import ENV_VAR
+from keras_attnrnn.ops.registry import REGISTRY
+from keras_attnrnn.ops.registry import Implementation
+
+
+def selected(op):
+    """The name of the implementation last chosen for `op`, or None."""
+    return REGISTRY.selected(op)
+
+
+def implementations(op, backend=None, device=None):
+    """The names of `op`'s implementations, highest priority first."""
+    return [impl.name for impl in REGISTRY.implementations(op, backend, device)]
+
+
+__all__ = [
+    "ENV_VAR",
+    "REGISTRY",
+    "Implementation",
+    "attnrnn",
+    "implementations",
+    "selected",
+]

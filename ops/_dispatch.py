@@ -1,0 +1,39 @@
+"""What the registry needs to know about a call: the backend and the device."""
+
+import keras
+
+from keras_attnrnn.ops.registry import REGISTRY
+
+
+def device_kind(tensor):
+    """"cpu" or "gpu" (or "tpu"): where `tensor` lives, or will be computed."""
+    backend = keras.config.backend()
+    if backend == "torch":
+        device = getattr(tensor, "device", None)
+        kind = getattr(device, "type", "cpu")
+        return "gpu" if kind == "cuda" else kind
+    if backend == "jax":
+        import jax
+
+        kind = jax.default_backend()
+        return "gpu" if kind in ("gpu", "cuda", "rocm") else kind
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        device = getattr(tensor, "device", "") or ""
+        if device:
+            return "gpu" if ":GPU:" in device.upper() else "cpu"
+        return "gpu" if tf.config.list_logical_devices("GPU") else "cpu"
+    return "cpu"
+
+
+def dispatch(op, implementation, reference_tensor, call):
+    """Chooses the implementation of `op` for this call and returns its function."""
+    backend = keras.config.backend()
+    device = device_kind(reference_tensor)
+    call = dict(call, backend=backend, device=device)
+    return REGISTRY.select(op, backend, device, call, implementation).load()
+
+
+def dtype_name(tensor):
+    return keras.backend.standardize_dtype(tensor.dtype)

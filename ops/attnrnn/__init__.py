@@ -1,0 +1,139 @@
+"""The AttnRNN recurrence as one op, dispatched to the best implementation.
+
+Implementations (all with the signature of `reference.attnrnn`):
+
+| name | backend | device | what |
+|---|---|---|---|
+| `reference` | any | any | `keras.ops.scan` over `attnrnn_step` |
+"""
+
+from keras_attnrnn.ops import _dispatch
+from keras_attnrnn.ops.registry import REGISTRY
+from keras_attnrnn.ops.registry import Implementation
+
+OP = "attnrnn"
+
+REGISTRY.register(
+    Implementation(
+        op=OP,
+        name="reference",
+        module="keras_attnrnn.ops.attnrnn.reference",
+        function="attnrnn",
+        fused=False,
+        priority=0,
+    )
+)
+
+
+def _check_shapes(inputs, initial_state, num_heads, units, mask, input_kernel):
+    if len(inputs.shape) != 3:
+        raise ValueError(
+            "Received an invalid value for argument `inputs`, expected a 3D "
+            f"tensor (batch, timesteps, features), got shape {inputs.shape}."
+        )
+    if not isinstance(num_heads, int) or num_heads <= 0 or units % num_heads:
+        raise ValueError(
+            "Received an invalid value for argument `num_heads`, expected a "
+            f"positive divisor of units={units}, got {num_heads}."
+        )
+    features = inputs.shape[-1]
+    expected = units if input_kernel is None else input_kernel.shape[0]
+    if features is not None and features != expected:
+        raise ValueError(
+            "Received an invalid value for argument `inputs`, expected "
+            f"{expected} features on the last axis, got shape {inputs.shape}."
+        )
+    if len(initial_state.shape) != 2 or initial_state.shape[-1] != units:
+        raise ValueError(
+            "Received an invalid value for argument `initial_state`, expected "
+            f"shape (batch, {units}), got {initial_state.shape}."
+        )
+    if mask is not None and (
+        len(mask.shape) != 2
+        or any(
+            m is not None and i is not None and m != i
+            for m, i in zip(mask.shape, inputs.shape[:2])
+        )
+    ):
+        raise ValueError(
+            "Received an invalid value for argument `mask`, expected shape "
+            f"(batch, timesteps) = {tuple(inputs.shape[:2])}, got {mask.shape}."
+        )
+
+
+def attnrnn(
+    inputs,
+    initial_state,
+    query_kernel,
+    query_bias,
+    output_kernel,
+    output_bias,
+    gate_kernel,
+    gate_bias,
+    gamma,
+    beta,
+    num_heads,
+    input_kernel=None,
+    input_bias=None,
+    mask=None,
+    reverse=False,
+    recurrent_dropout_mask=None,
+    epsilon=1e-5,
+    implementation=None,
+):
+    """Runs AttnRNN (SPEC §3.1) over a whole sequence.
+
+    Shapes: b batch, t time, d input features, e units.
+
+    Args:
+        inputs: (b, t, d) inputs; projected by `input_kernel` (d, e) and
+            `input_bias` (e,) when given, used as they are when d == e.
+        initial_state: (b, e).
+        query_kernel, output_kernel: (e, e); gate_kernel: (2e, e);
+        query_bias, output_bias, gate_bias, gamma, beta: (e,).
+        num_heads: heads of the attention over the 4 context tokens.
+        mask: optional (b, t) booleans; masked steps keep the state.
+        reverse: process the steps from last to first; the outputs stay
+            aligned with the inputs.
+        recurrent_dropout_mask: optional (b, e) multiplier of h where h enters
+            the query and the gate.
+        epsilon: LayerNorm epsilon.
+        implementation: `None`/"auto", "reference", "fused" or the name of a
+            registered implementation (see `keras_attnrnn.ops.REGISTRY`).
+
+    Returns:
+        `(outputs, final_state)`: (b, t, e) and (b, e).
+    """
+    units = query_kernel.shape[-1]
+    _check_shapes(inputs, initial_state, num_heads, units, mask, input_kernel)
+    call = {
+        "dtype": _dispatch.dtype_name(inputs),
+        "batch": inputs.shape[0],
+        "time": inputs.shape[1],
+        "input_dim": inputs.shape[2],
+        "units": units,
+        "num_heads": num_heads,
+        "mask": mask is not None,
+        "reverse": reverse,
+        "recurrent_dropout": recurrent_dropout_mask is not None,
+    }
+    fn = _dispatch.dispatch(OP, implementation, inputs, call)
+    return fn(
+        inputs,
+        initial_state,
+        query_kernel,
+        query_bias,
+        output_kernel,
+        output_bias,
+        gate_kernel,
+        gate_bias,
+        gamma,
+        beta,
+        num_heads,
+        input_kernel=input_kernel,
+        input_bias=input_bias,
+        mask=mask,
+        reverse=reverse,
+        recurrent_dropout_mask=recurrent_dropout_mask,
+        epsilon=epsilon,
+    )
