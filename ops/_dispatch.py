@@ -37,3 +37,8 @@ def dispatch(op, implementation, reference_tensor, call):
 
 def dtype_name(tensor):
     return keras.backend.standardize_dtype(tensor.dtype)
+
+
+def as_tensors(*values):
+    """Backend tensors for Keras variables and arrays (None stays None)."""
+    return [None if v is None else keras.ops.convert_to_tensor(v) for v in values]

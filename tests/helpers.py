@@ -33,6 +33,25 @@ def assert_close(actual, expected, tol, what=""):
     assert err <= tol, f"{what}: relative error {err:.3e} > {tol:.1e}"
 
 
+def float32_noise(fn, args, rng):
+    """How much `value_and_grads(fn, args)` moves under an ulp of input noise.
+
+    Long recurrences (and LayerNorm over few units) amplify float32 rounding;
+    two correct float32 implementations that round differently then differ by
+    about this much. Returns the largest relative change over all gradients.
+    """
+    eps = np.finfo("float32").eps
+    _, grads = value_and_grads(fn, args)
+    noisy = [
+        None if a is None else a * (1 + eps * rng.standard_normal(a.shape)).astype(a.dtype)
+        for a in args
+    ]
+    _, noisy_grads = value_and_grads(fn, noisy)
+    return max(
+        rel_error(n, g) for n, g in zip(noisy_grads, grads) if g is not None
+    )
+
+
 def to_numpy(x):
     return keras.ops.convert_to_numpy(x)
 

@@ -104,6 +104,37 @@ def attnrnn(
     Returns:
         `(outputs, final_state)`: (b, t, e) and (b, e).
     """
+    (
+        inputs,
+        initial_state,
+        query_kernel,
+        query_bias,
+        output_kernel,
+        output_bias,
+        gate_kernel,
+        gate_bias,
+        gamma,
+        beta,
+        input_kernel,
+        input_bias,
+        mask,
+        recurrent_dropout_mask,
+    ) = _dispatch.as_tensors(
+        inputs,
+        initial_state,
+        query_kernel,
+        query_bias,
+        output_kernel,
+        output_bias,
+        gate_kernel,
+        gate_bias,
+        gamma,
+        beta,
+        input_kernel,
+        input_bias,
+        mask,
+        recurrent_dropout_mask,
+    )
     units = query_kernel.shape[-1]
     _check_shapes(inputs, initial_state, num_heads, units, mask, input_kernel)
     call = {
@@ -137,3 +168,67 @@ def attnrnn(
         recurrent_dropout_mask=recurrent_dropout_mask,
         epsilon=epsilon,
     )
+
+
+def _float_dtype_ok(call):
+    if call["dtype"] in ("float16", "bfloat16", "float32", "float64"):
+        return True, ""
+    return False, f"dtype {call['dtype']} is not a float dtype"
+
+
+def _fused_supports(call):
+    if call["recurrent_dropout"]:
+        return False, "recurrent dropout is not fused (the reference serves it)"
+    return _float_dtype_ok(call)
+
+
+def _importable(module):
+    def check():
+        import importlib.util
+
+        if importlib.util.find_spec(module) is None:
+            return False, f"{module} is not installed"
+        return True, ""
+
+    return check
+
+
+REGISTRY.register(
+    Implementation(
+        op=OP,
+        name="jax_scan",
+        module="keras_attnrnn.ops.attnrnn.jax",
+        function="attnrnn",
+        backends=("jax",),
+        priority=10,
+        available=_importable("jax"),
+        supports=_fused_supports,
+    )
+)
+
+REGISTRY.register(
+    Implementation(
+        op=OP,
+        name="tensorflow_loop",
+        module="keras_attnrnn.ops.attnrnn.tensorflow",
+        function="attnrnn",
+        backends=("tensorflow",),
+        priority=10,
+        available=_importable("tensorflow"),
+        supports=_fused_supports,
+    )
+)
+
+REGISTRY.register(
+    Implementation(
+        op=OP,
+        name="torch_cpu",
+        module="keras_attnrnn.ops.attnrnn.torch",
+        function="attnrnn",
+        backends=("torch",),
+        devices=("cpu",),
+        priority=10,
+        available=_importable("torch"),
+        supports=_fused_supports,
+    )
+)
