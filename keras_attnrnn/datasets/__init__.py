@@ -1,1 +1,8 @@
-"""Offline-first loaders for the datasets of the examples."""
+"""Offline-first loaders for the datasets of the examples.
+
+Each loader reads `<data folder>/<dataset>/`: the `data_dir` argument, else
+the `KERAS_ATTNRNN_DATA` environment variable, else the Keras cache, where the
+files are downloaded from their official source when absent.
+"""
+
+from keras_attnrnn.datasets import imdb
