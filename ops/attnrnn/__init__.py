@@ -5,7 +5,13 @@ Implementations (all with the signature of `reference.attnrnn`):
 | name | backend | device | what |
 |---|---|---|---|
 | `reference` | any | any | `keras.ops.scan` over `attnrnn_step` |
+| `jax_scan` | jax | any | `lax.scan` with a hand-written VJP (`jax.py`) |
+| `tensorflow_loop` | tensorflow | any | XLA while loops, custom gradient (`tensorflow.py`) |
+| `torch_cpp` | torch | cpu | C++ step loops built on first use (`torch_cpp.py`) |
+| `torch_cpu` | torch | cpu | the same in Python, when C++ cannot be built (`torch.py`) |
 """
+
+import importlib.util
 
 from keras_attnrnn.ops import _dispatch
 from keras_attnrnn.ops.registry import REGISTRY
@@ -184,8 +190,6 @@ def _fused_supports(call):
 
 def _importable(module):
     def check():
-        import importlib.util
-
         if importlib.util.find_spec(module) is None:
             return False, f"{module} is not installed"
         return True, ""
@@ -230,5 +234,33 @@ REGISTRY.register(
         priority=10,
         available=_importable("torch"),
         supports=_fused_supports,
+    )
+)
+
+
+def _torch_cpp(name):
+    """A lazy forwarder to `torch_cpp.<name>` (no torch import at startup)."""
+
+    def call(*args):
+        if importlib.util.find_spec("torch") is None:
+            return False, "torch is not installed"
+        from keras_attnrnn.ops.attnrnn import torch_cpp
+
+        return getattr(torch_cpp, name)(*args)
+
+    return call
+
+
+REGISTRY.register(
+    Implementation(
+        op=OP,
+        name="torch_cpp",
+        module="keras_attnrnn.ops.attnrnn.torch_cpp",
+        function="attnrnn",
+        backends=("torch",),
+        devices=("cpu",),
+        priority=20,
+        available=_torch_cpp("available"),
+        supports=_torch_cpp("supports"),
     )
 )
