@@ -11,6 +11,7 @@ implementation ran last:
 """
 
 from keras_attnrnn.ops.attnrnn import attnrnn
+from keras_attnrnn.ops.larnn import larnn
 from keras_attnrnn.ops.registry import ENV_VAR
 from keras_attnrnn.ops.registry import REGISTRY
 from keras_attnrnn.ops.registry import Implementation
@@ -32,5 +33,6 @@ __all__ = [
     "Implementation",
     "attnrnn",
     "implementations",
+    "larnn",
     "selected",
 ]
