@@ -8,12 +8,16 @@ from keras_attnrnn import datasets
 from keras_attnrnn import ops
 from keras_attnrnn.attnrnn import AttnRNN
 from keras_attnrnn.attnrnn import AttnRNNCell
+from keras_attnrnn.larnn import LARNN
+from keras_attnrnn.larnn import LARNNCell
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AttnRNN",
     "AttnRNNCell",
+    "LARNN",
+    "LARNNCell",
     "datasets",
     "ops",
 ]
