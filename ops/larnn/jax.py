@@ -49,23 +49,23 @@ def _forward(xqz, state0, w, m, masks, config):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
 def _recurrence(xqz, state0, w, m, masks, config):
-    """hs (t, b, e) and the final (h, c, kv, cells, valid)."""
+    """hs (t, b, e) and the final (h, c, kc, vc, cells, valid)."""
     final, per_step = _forward(xqz, state0, w, m, masks, config)
     return per_step[0], final
 
 
 def _recurrence_fwd(xqz, state0, w, m, masks, config):
     final, per_step = _forward(xqz, state0, w, m, masks, config)
-    return (per_step[0], final), (state0, w, m, masks, per_step, final[2])
+    return (per_step[0], final), (state0, w, m, masks, per_step, final[2:4])
 
 
 def _recurrence_bwd(config, saved, cotangents):
     num_heads, reverse, epsilon, activation = config
-    state0, w, m, masks, per_step, kv_last = saved
+    state0, w, m, masks, per_step, caches = saved
     rdm, adm = masks
-    d_hs, (dh, dc, dkv, dcells, dvalid) = cotangents
+    d_hs, (dh, dc, dkc, dvc, dcells, dvalid) = cotangents
     h0, c0 = state0[:2]
-    hs, cs, q, p, o, ua, gates, dropped, live = per_step
+    hs, cs, q, p, o, u, ua, gates, dropped = per_step
     h_prev = _previous(hs, h0, reverse)
     c_prev = _previous(cs, c0, reverse)
     mb = None if m is None else m > 0
@@ -75,11 +75,10 @@ def _recurrence_bwd(config, saved, cotangents):
             carry, xs_t, w, num_heads, activation, epsilon, rdm, adm
         )
 
-    carry = (dh, dc, dkv, dcells, dvalid, kv_last, steps.zero_sums(w, activation))
-    xs = (d_hs, h_prev, c_prev, cs, q, p, ua, gates, dropped, live, mb)
-    (dh0, dc0, dkv0, dcells0, dvalid0, _, sums), (dhw, du, dkv_new) = lax.scan(
-        body, carry, xs, reverse=not reverse
-    )
+    carry = (dh, dc, dkc, dvc, dcells, dvalid, *caches, steps.zero_sums(w, activation))
+    xs = (d_hs, h_prev, c_prev, cs, q, p, u, ua, gates, dropped, mb)
+    carry, (dhw, du, dkv_new) = lax.scan(body, carry, xs, reverse=not reverse)
+    *d_state0, _, _, sums = carry
     hd = h_prev if rdm is None else h_prev * rdm
     grads = steps.weight_grads(
         _flat(hd),
@@ -93,7 +92,7 @@ def _recurrence_bwd(config, saved, cotangents):
         sums,
         epsilon,
     )
-    d_state0 = (dh0, dc0, dkv0, dcells0, dvalid0)
+    d_state0 = tuple(d_state0)
     d_w = {name: grads[name] for name in w}
     d_masks = tuple(None if v is None else jnp.zeros_like(v) for v in masks)
     return dhw, d_state0, d_w, None if m is None else jnp.zeros_like(m), d_masks
@@ -121,13 +120,14 @@ def _larnn(inputs, initial_state, weights, mask, masks, num_heads, reverse, epsi
     w, input_kernel, input_bias = steps.prepare(weights, input_dim, slots)
     xqz = _time_major(x @ input_kernel + input_bias)
     cells0 = window0.reshape(batch, slots, units)
-    state0 = (h0, c0, cells0 @ w["kv_kernel"], cells0, valid0)
+    kv0 = cells0 @ w["kv_kernel"]
+    state0 = (h0, c0, kv0[..., :units], kv0[..., units:], cells0, valid0)
     m = None
     if mask is not None:
         m = _time_major(jnp.asarray(mask, bool))[..., None].astype(compute)
     masks = tuple(cast(v) for v in masks)
-    config = (num_heads, reverse, epsilon, "kv_gamma" in w)
-    hs, (h, c, _, cells, valid) = _recurrence(xqz, state0, w, m, masks, config)
+    config = (num_heads, reverse, epsilon, "key_gamma" in w)
+    hs, (h, c, _, _, cells, valid) = _recurrence(xqz, state0, w, m, masks, config)
     final = [h, c, cells.reshape(batch, slots * units), valid]
     return _time_major(hs).astype(dtype), [v.astype(dtype) for v in final]
 

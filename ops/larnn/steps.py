@@ -7,25 +7,27 @@ Shapes: b batch, e units, k window slots, n heads, h = e / n.
 
 What makes it fast: the keys and values of a slot are
 `LN(elu([cell, PE(p)] @ W + bias))` and `[cell, PE(p)] @ W = cell @ W_cell +
-PE(p) @ W_pos`. The loop carries `kv = cells @ [W_cell_k | W_cell_v]`
-(b, k, 2e), each cell projected once, when it enters the window; the
-positional part plus the biases is a constant (k, 2e) (`kv_slots`, one row per
-slot, oldest first). A step then does O(b k e) elementwise work on the window
-and four (b, e) x (e, *) matmuls:
+PE(p) @ W_pos`. The loop carries the key and value projections of the window's
+cells (`kc`, `vc`, (b, k, e) each), each cell projected once, when it enters
+the window; the positional part plus the bias is a constant (k, e) per half
+(`key_slots`, `value_slots`, one row per slot, oldest first). A step then
+does O(b k e) elementwise work on the window and four (b, e) x (e, *)
+matmuls:
 
     hw = h @ [query_kernel[d:] | recurrent_kernel]              (b, 5e)
     q = elu(xq + hw[:, :e])                                      xq, xz hoisted
-    K, V = LN(elu(kv + kv_slots)) split in two                   (b, k, e) each
+    K, V = LN(elu(kc + key_slots)), LN(elu(vc + value_slots))    (b, k, e)
     p = softmax over valid slots of <q, K> / sqrt(h) per head    (b, k, n)
     o = sum_slots p V;  u = o @ Wo + bo;  a = LN_a(elu(u))
     z = xz + hw[:, e:] + a @ attention_kernel;  i, f, g, o' = gates(z)
     c' = LN_c(i g + f c);  h' = LN_h(o' elu(c'))
-    kv' = [kv[:, 1:], c' @ kv_kernel]  (the oldest slot drops out)
+    [kc', vc'] = [kc, vc][:, 1:] then c' @ kv_kernel  (the oldest slot drops out)
 
-The backward loop rebuilds each step's `kv` from the next one and the slot
-that dropped out (saved, (b, 2e) per step), so no (b, k, 2e) tensor is saved
-per step; the weight gradients of the matmuls are single large matmuls over
-all steps afterwards (`weight_grads`).
+K and V themselves are never formed (see `window_attention`). The backward
+loop rebuilds each step's window from the next one and the slot that dropped
+out (saved, (b, 2e) per step), so nothing of size (b, k, e) is saved per
+step; the weight gradients of the matmuls are single large matmuls over all
+steps afterwards (`weight_grads`).
 """
 
 import math
@@ -37,16 +39,20 @@ from keras_attnrnn.ops.larnn.reference import positional_features
 # A score no valid slot reaches: masked slots get a softmax weight of 0.
 MASKED_SCORE = -1e9
 
-# The weights as the loops take them (see `prepare` in the implementations).
+# The weights as the loops take them (see `prepare`). key_norm_beta is not
+# among them: it adds the same <q, beta_k> to every score of a head, which
+# the softmax ignores, so its gradient is 0.
 STEP_WEIGHTS = (
     "h_kernel",
     "kv_kernel",
-    "kv_slots",
+    "key_slots",
+    "value_slots",
     "output_kernel",
     "output_bias",
     "attention_kernel",
-    "kv_gamma",
-    "kv_beta",
+    "key_gamma",
+    "value_gamma",
+    "value_beta",
     "attention_gamma",
     "attention_beta",
     "cell_gamma",
@@ -85,26 +91,171 @@ def effective_valid(valid):
     return ops.concatenate([valid[:, :-1] > 0.5, newest], axis=-1)
 
 
-def keys_values(kv, w, num_heads, activation, epsilon):
-    """K, V (b, k, n, h) from the cached projections kv (b, k, 2e).
+def _heads(v, num_heads):
+    """(e,) -> (n, h) and (b, ..., e) -> (b, ..., n, h)."""
+    split = (num_heads, v.shape[-1] // num_heads)
+    if len(v.shape) == 1:
+        return ops.reshape(v, split)
+    return ops.reshape(v, (-1,) + tuple(v.shape[1:-1]) + split)
 
-    Also returns what the backward needs: the normalized (b, k, 2, e), rstd
-    and the activated pre-norm values (None without the activation).
-    """
-    b, k, two_e = kv.shape
-    e = two_e // 2
-    pre = kv + w["kv_slots"]
+
+def _flat(v):
+    """(b, ..., n, h) -> (b, ..., e)."""
+    return ops.reshape(v, (-1,) + tuple(v.shape[1:-2]) + (v.shape[-2] * v.shape[-1],))
+
+
+def _batch(v):
+    """The shape with a free leading (batch) axis: reshape-safe when b is
+    unknown at trace time."""
+    return (-1,) + tuple(v.shape[1:])
+
+
+def _stats(act, epsilon):
+    """Per-slot LayerNorm mean and rstd over e: (b, k) each."""
+    mean = ops.mean(act, axis=-1)
+    var = ops.mean(ops.square(act - ops.expand_dims(mean, -1)), axis=-1)
+    return mean, ops.rsqrt(var + epsilon)
+
+
+def _half(cache, slots, activation, epsilon, num_heads):
+    """The activated half-window (b, k, n, h) and its statistics."""
+    act = cache + slots
+    stats = None
     if activation:
-        act = ops.reshape(ops.elu(pre), (-1, k, 2, e))
-        hat, rstd = normalize(act, epsilon)
-        both = hat * w["kv_gamma"] + w["kv_beta"]
+        act = ops.elu(act)
+        stats = _stats(act, epsilon)
+    return _heads(act, num_heads), stats
+
+
+def window_attention(kc, vc, q, live, w, num_heads, activation, epsilon, adm):
+    """The attention read of one step, without forming K or V.
+
+    With K = hat_k * gamma_k + beta_k (hat = the normalized activation), the
+    score of a slot is <q * gamma_k, hat_k> per head plus <q, beta_k>, which
+    is the same for every slot and drops out of the softmax; and
+    sum_slots p V = gamma_v * sum_slots p hat_v + beta_v * sum_slots p.
+    hat = (act - mean) * rstd is not formed either: its contractions are
+    those of act, corrected with the per-slot statistics.
+
+    Returns:
+        `(o, p, u)`: the heads (b, e), the attention weights (b, k, n) before
+        dropout, and u = sum_slots p hat_v (b, e) (the heads themselves
+        without the activation).
+    """
+    e = q.shape[-1]
+    scale = 1.0 / math.sqrt(e // num_heads)
+    act_k, stats_k = _half(kc, w["key_slots"], activation, epsilon, num_heads)
+    act_v, stats_v = _half(vc, w["value_slots"], activation, epsilon, num_heads)
+    qg = _heads(q * w["key_gamma"] if activation else q, num_heads)  # (b, n, h)
+    raw = ops.einsum("bjnh,bnh->bjn", act_k, qg)
+    if activation:
+        mean, rstd = [ops.expand_dims(v, -1) for v in stats_k]
+        raw = rstd * (raw - mean * ops.expand_dims(ops.sum(qg, axis=-1), 1))
+    scores = ops.where(ops.expand_dims(live, -1), raw * scale, MASKED_SCORE)
+    if scores.shape[1] == 1:  # one slot, always valid: its weight is 1
+        p = ops.ones_like(scores)
     else:
-        act = hat = rstd = None
-        both = ops.reshape(pre, (-1, k, 2, e))
-    shape = (-1, k, num_heads, e // num_heads)
-    keys = ops.reshape(both[:, :, 0], shape)
-    values = ops.reshape(both[:, :, 1], shape)
-    return keys, values, (hat, rstd, act)
+        p = ops.softmax(scores, axis=1)
+    pd = p if adm is None else p * adm
+    if not activation:
+        o = _flat(ops.einsum("bjn,bjnh->bnh", pd, act_v))
+        return o, p, o
+    mean, rstd = [ops.expand_dims(v, -1) for v in stats_v]
+    weights = pd * rstd
+    u = ops.einsum("bjn,bjnh->bnh", weights, act_v) - ops.expand_dims(
+        ops.sum(weights * mean, axis=1), -1
+    )
+    o = u * _heads(w["value_gamma"], num_heads) + ops.expand_dims(
+        ops.sum(pd, axis=1), -1
+    ) * _heads(w["value_beta"], num_heads)
+    return _flat(o), p, _flat(u)
+
+
+def window_attention_backward(
+    do, kc, vc, q, p, u, w, num_heads, activation, epsilon, adm
+):
+    """Backpropagates `window_attention`.
+
+    The LayerNorm backward of a slot needs the means over e of d_hat and of
+    d_hat * hat; with d_hat = ds * q * gamma_k (keys) or pd * do * gamma_v
+    (values) per head, both come from per-head sums that the forward
+    contractions already give, so the gradient of each half-window is one
+    elementwise pass.
+
+    Returns:
+        `(dq, dkc, dvc, grads)`: the gradients of q (b, e), of the cached
+        projections (b, k, e) each, and a dict of the gradients of
+        key_slots, value_slots (summed over the batch) and, with the
+        activation, key_gamma, value_gamma and value_beta.
+    """
+    e = q.shape[-1]
+    scale = 1.0 / math.sqrt(e // num_heads)
+    act_k, stats_k = _half(kc, w["key_slots"], activation, epsilon, num_heads)
+    act_v, stats_v = _half(vc, w["value_slots"], activation, epsilon, num_heads)
+    do_h = _heads(do, num_heads)  # (b, n, h)
+    pd = p if adm is None else p * adm
+    grads = {}
+    if not activation:
+        q_h = _heads(q, num_heads)
+        dp = ops.einsum("bjnh,bnh->bjn", act_v, do_h)
+        if adm is not None:
+            dp = dp * adm
+        ds = p * (dp - ops.sum(p * dp, axis=1, keepdims=True)) * scale
+        dq = _flat(ops.einsum("bjn,bjnh->bnh", ds, act_k))
+        dkc = ops.expand_dims(ds, -1) * ops.expand_dims(q_h, 1)
+        dvc = ops.expand_dims(pd, -1) * ops.expand_dims(do_h, 1)
+        dkc = ops.reshape(dkc, _batch(kc))
+        dvc = ops.reshape(dvc, _batch(vc))
+        grads["key_slots"] = ops.sum(dkc, axis=0)
+        grads["value_slots"] = ops.sum(dvc, axis=0)
+        return dq, dkc, dvc, grads
+
+    mean_k, rstd_k = [ops.expand_dims(v, -1) for v in stats_k]  # (b, k, 1)
+    mean_v, rstd_v = [ops.expand_dims(v, -1) for v in stats_v]
+    inv_e = 1.0 / e
+    # The value half: dL/d(pd) = <do * gamma_v, hat_v> + <do, beta_v> per head.
+    dg = do_h * _heads(w["value_gamma"], num_heads)  # (b, n, h)
+    dg_sum = ops.expand_dims(ops.sum(dg, axis=-1), 1)  # (b, 1, n)
+    hv = rstd_v * (ops.einsum("bjnh,bnh->bjn", act_v, dg) - mean_v * dg_sum)
+    dp = hv + ops.expand_dims(
+        ops.sum(do_h * _heads(w["value_beta"], num_heads), axis=-1), 1
+    )
+    if adm is not None:
+        dp = dp * adm
+    ds = p * (dp - ops.sum(p * dp, axis=1, keepdims=True)) * scale  # (b, k, n)
+    # The key half: raw = <q * gamma_k, hat_k> per head.
+    qg = _heads(q * w["key_gamma"], num_heads)
+    qg_sum = ops.expand_dims(ops.sum(qg, axis=-1), 1)  # (b, 1, n)
+    raw = rstd_k * (ops.einsum("bjnh,bnh->bjn", act_k, qg) - mean_k * qg_sum)
+    ds_r = ds * rstd_k
+    t_k = ops.einsum("bjn,bjnh->bnh", ds_r, act_k) - ops.expand_dims(
+        ops.sum(ds_r * mean_k, axis=1), -1
+    )  # sum_slots ds * hat_k, (b, n, h)
+    dq = _flat(t_k * _heads(w["key_gamma"], num_heads))
+
+    def half_backward(act, mean, rstd, weight, row, row_sum, slot_dot):
+        # rstd * (d_hat - mean(d_hat) - hat * mean(d_hat * hat)) * elu'(pre)
+        a = ops.sum(weight * row_sum, axis=-1, keepdims=True) * inv_e
+        b = ops.sum(weight * slot_dot, axis=-1, keepdims=True) * inv_e
+        rstd4, mean4 = ops.expand_dims(rstd, -1), ops.expand_dims(mean, -1)
+        hat = (act - mean4) * rstd4
+        d_act = rstd4 * (
+            ops.expand_dims(weight, -1) * ops.expand_dims(row, 1)
+            - ops.expand_dims(a, -1)
+            - hat * ops.expand_dims(b, -1)
+        )
+        d_pre = d_act * elu_grad(act)
+        return _flat(d_pre)
+
+    dkc = half_backward(act_k, mean_k, rstd_k, ds, qg, qg_sum, raw)
+    dvc = half_backward(act_v, mean_v, rstd_v, pd, dg, dg_sum, hv)
+    grads["key_slots"] = ops.sum(dkc, axis=0)
+    grads["value_slots"] = ops.sum(dvc, axis=0)
+    grads["key_gamma"] = ops.sum(q * _flat(t_k), axis=0)
+    grads["value_gamma"] = ops.sum(do * u, axis=0)
+    p_sum = ops.expand_dims(ops.sum(pd, axis=1), -1)  # (b, n, 1)
+    grads["value_beta"] = ops.sum(_flat(do_h * p_sum), axis=0)
+    return dq, dkc, dvc, grads
 
 
 def _split_gates(gates):
@@ -115,8 +266,8 @@ def forward_step(carry, xs_t, w, num_heads, activation, epsilon, rdm, adm):
     """One step.
 
     Args:
-        carry: (h, c, kv, cells, valid): (b, e), (b, e), (b, k, 2e),
-            (b, k, e), (b, k) float 0/1.
+        carry: (h, c, kc, vc, cells, valid): (b, e), (b, e), (b, k, e),
+            (b, k, e), (b, k, e), (b, k) float 0/1.
         xs_t: (xqz, m): the hoisted input projections (b, 5e) (query part,
             then gates part) and the mask (b, 1) bool or None.
         w: the weights, a dict with the keys of `STEP_WEIGHTS`.
@@ -124,31 +275,23 @@ def forward_step(carry, xs_t, w, num_heads, activation, epsilon, rdm, adm):
             dropout mask or None.
 
     Returns:
-        `(carry, outputs)`, outputs = (h, c, q, p, o, ua, gates, dropped,
-        live): the state after the step (b, e) twice, then the residuals of
-        the backward: the query, the attention weights (b, k, n), the heads
-        (b, e), elu(u) (b, e), the activated gates [i|f|g|o] (b, 4e), the
-        slot that dropped out of kv (b, 2e) and the effective validity
-        (b, k) as 0/1.
+        `(carry, outputs)`, outputs = (h, c, q, p, o, u, ua, gates,
+        dropped): the state after the step (b, e) twice, then the residuals
+        of the backward: the query, the attention weights (b, k, n), the
+        heads (b, e) and their normalized part (b, e) (see
+        `window_attention`), elu(o @ Wo + bo) (b, e), the activated gates
+        [i|f|g|o] (b, 4e) and the oldest slot's projections (b, 2e).
     """
-    h, c, kv, cells, valid = carry
+    h, c, kc, vc, cells, valid = carry
     xqz, m = xs_t
     e = h.shape[-1]
-    scale = 1.0 / math.sqrt(e // num_heads)
     hd = h if rdm is None else h * rdm
     hw = ops.matmul(hd, w["h_kernel"])
     q = ops.elu(xqz[:, :e] + hw[:, :e])
     live = effective_valid(valid)
-    keys, values, _ = keys_values(kv, w, num_heads, activation, epsilon)
-    queries = ops.reshape(q, (-1, 1, num_heads, e // num_heads))
-    scores = ops.sum(queries * keys, axis=-1) * scale
-    scores = ops.where(ops.expand_dims(live, -1), scores, MASKED_SCORE)
-    if scores.shape[1] == 1:  # one slot, always valid: its weight is 1
-        p = ops.ones_like(scores)
-    else:
-        p = ops.softmax(scores, axis=1)
-    pd = p if adm is None else p * adm
-    o = ops.reshape(ops.sum(ops.expand_dims(pd, -1) * values, axis=1), (-1, e))
+    o, p, u = window_attention(
+        kc, vc, q, live, w, num_heads, activation, epsilon, adm
+    )
     ua = ops.elu(ops.matmul(o, w["output_kernel"]) + w["output_bias"])
     a_hat, _ = normalize(ua, epsilon)
     a = a_hat * w["attention_gamma"] + w["attention_beta"]
@@ -160,28 +303,34 @@ def forward_step(carry, xs_t, w, num_heads, activation, epsilon, rdm, adm):
     y_hat, _ = normalize(og * ops.elu(c_new), epsilon)
     h_new = y_hat * w["hidden_gamma"] + w["hidden_beta"]
     kv_new = ops.matmul(c_new, w["kv_kernel"])
-    new_kv = ops.concatenate([kv[:, 1:], ops.expand_dims(kv_new, 1)], axis=1)
-    new_cells = ops.concatenate([cells[:, 1:], ops.expand_dims(c_new, 1)], axis=1)
+    push = lambda old, new: ops.concatenate(  # noqa: E731
+        [old[:, 1:], ops.expand_dims(new, 1)], axis=1
+    )
+    new_kc = push(kc, kv_new[:, :e])
+    new_vc = push(vc, kv_new[:, e:])
+    new_cells = push(cells, c_new)
     live_f = ops.cast(live, valid.dtype)
     new_valid = ops.concatenate([live_f[:, 1:], ops.ones_like(valid[:, :1])], -1)
     if m is not None:
         m3 = ops.expand_dims(m, -1)
         h_new = ops.where(m, h_new, h)
         c_new = ops.where(m, c_new, c)
-        new_kv = ops.where(m3, new_kv, kv)
+        new_kc = ops.where(m3, new_kc, kc)
+        new_vc = ops.where(m3, new_vc, vc)
         new_cells = ops.where(m3, new_cells, cells)
         new_valid = ops.where(m, new_valid, valid)
     gates = ops.concatenate([i, f, g, og], axis=-1)
-    return (h_new, c_new, new_kv, new_cells, new_valid), (
+    dropped = ops.concatenate([kc[:, 0], vc[:, 0]], axis=-1)
+    return (h_new, c_new, new_kc, new_vc, new_cells, new_valid), (
         h_new,
         c_new,
         q,
         p,
         o,
+        u,
         ua,
         gates,
-        kv[:, 0],
-        live_f,
+        dropped,
     )
 
 
@@ -195,17 +344,22 @@ def _pass_through(m, d):
     return ops.where(m, d, zeros), ops.where(m, zeros, d)
 
 
+def _unshift(d):
+    """The gradient of a window before a push, from the one after it."""
+    return ops.concatenate([ops.zeros_like(d[:, :1]), d[:, :-1]], axis=1)
+
+
 def backward_step(carry, xs_t, w, num_heads, activation, epsilon, rdm, adm):
     """Backpropagates one step.
 
     Args:
-        carry: (dh, dc, dkv, dcells, dvalid, kv_next, sums): the gradients
-            of the state after the step, the kv after the step (to rebuild
-            the one before it) and a dict of running weight-gradient sums
-            (norm scales and offsets, `kv_slots`). The flags only carry a
-            gradient across masked steps, where they are passed on as they
-            are.
-        xs_t: (d_out, h_prev, c_prev, c_new, q, p, ua, gates, dropped, live,
+        carry: (dh, dc, dkc, dvc, dcells, dvalid, kc_next, vc_next, sums):
+            the gradients of the state after the step, the cached
+            projections after the step (to rebuild the ones before it) and a
+            dict of running weight-gradient sums (norm scales and offsets,
+            the slot constants). The flags only carry a gradient across
+            masked steps, where they are passed on as they are.
+        xs_t: (d_out, h_prev, c_prev, c_new, q, p, u, ua, gates, dropped,
             m): the output's cotangent, the states before and after the step
             and the residuals of `forward_step`.
 
@@ -213,32 +367,33 @@ def backward_step(carry, xs_t, w, num_heads, activation, epsilon, rdm, adm):
         `(carry, (dhw, du, dkv_new))`: the carry for the step before, and the
         per-step gradients from which `weight_grads` forms the matmul weight
         gradients: of hw (b, 5e), which is also that of the hoisted input
-        projections, of u (b, e) and of the new slot's projection (b, 2e).
+        projections, of u (b, e) and of the new slot's projections (b, 2e).
     """
-    dh, dc, dkv, dcells, dvalid, kv_next, sums = carry
-    d_out, h_prev, c_prev, c_new, q, p, ua, gates, dropped, live, m = xs_t
+    dh, dc, dkc, dvc, dcells, dvalid, kc_next, vc_next, sums = carry
+    d_out, h_prev, c_prev, c_new, q, p, u, ua, gates, dropped, m = xs_t
     e = h_prev.shape[-1]
-    scale = 1.0 / math.sqrt(e // num_heads)
     dh, dh_skip = _pass_through(m, dh + d_out)
     dc, dc_skip = _pass_through(m, dc)
-    dkv, dkv_skip = _pass_through(m, dkv)
+    dkc, dkc_skip = _pass_through(m, dkc)
+    dvc, dvc_skip = _pass_through(m, dvc)
     dcells, dcells_skip = _pass_through(m, dcells)
     dvalid = _pass_through(m, dvalid)[1]
     if dvalid is None:
-        dvalid = ops.zeros_like(dkv[:, :, 0])
-    kv = ops.concatenate([ops.expand_dims(dropped, 1), kv_next[:, :-1]], axis=1)
+        dvalid = ops.zeros_like(dkc[:, :, 0])
+    unpush = lambda old, nxt: ops.concatenate(  # noqa: E731
+        [ops.expand_dims(old, 1), nxt[:, :-1]], axis=1
+    )
+    kc = unpush(dropped[:, :e], kc_next)
+    vc = unpush(dropped[:, e:], vc_next)
     if m is not None:
-        kv = ops.where(ops.expand_dims(m, -1), kv, kv_next)
+        kc = ops.where(ops.expand_dims(m, -1), kc, kc_next)
+        vc = ops.where(ops.expand_dims(m, -1), vc, vc_next)
     sums = dict(sums)
 
-    # The push: kv' = [kv[:, 1:], c' @ kv_kernel], cells' = [cells[:, 1:], c'].
-    dkv_new = dkv[:, -1]
+    # The push: the caches lose their oldest slot and gain c' @ kv_kernel.
+    dkv_new = ops.concatenate([dkc[:, -1], dvc[:, -1]], axis=-1)
     dc_new = dc + dcells[:, -1] + ops.matmul(
         dkv_new, ops.transpose(w["kv_kernel"])
-    )
-    dkv_prev = ops.concatenate([ops.zeros_like(dkv[:, :1]), dkv[:, :-1]], axis=1)
-    dcells_prev = ops.concatenate(
-        [ops.zeros_like(dcells[:, :1]), dcells[:, :-1]], axis=1
     )
 
     # h' = LN_h(o' elu(c')), c' = LN_c(i g + f c).
@@ -275,38 +430,15 @@ def backward_step(carry, xs_t, w, num_heads, activation, epsilon, rdm, adm):
     )
     do = ops.matmul(du, ops.transpose(w["output_kernel"]))
 
-    # The attention over the window, recomputed from kv.
-    keys, values, (kv_hat, kv_rstd, kv_act) = keys_values(
-        kv, w, num_heads, activation, epsilon
+    # The attention over the window, recomputed from the caches.
+    dq, dkc_read, dvc_read, window_grads = window_attention_backward(
+        do, kc, vc, q, p, u, w, num_heads, activation, epsilon, adm
     )
-    head = (-1, 1, num_heads, e // num_heads)
-    do4 = ops.reshape(do, head)
-    pd = p if adm is None else p * adm
-    dpd = ops.sum(do4 * values, axis=-1)
-    d_values = ops.expand_dims(pd, -1) * do4
-    dp = dpd if adm is None else dpd * adm
-    ds = p * (dp - ops.sum(p * dp, axis=1, keepdims=True)) * scale
-    dq = ops.reshape(ops.sum(ops.expand_dims(ds, -1) * keys, axis=1), (-1, e))
-    d_keys = ops.expand_dims(ds, -1) * ops.reshape(q, head)
-    slots = kv.shape[1]
-    d_both = ops.stack(
-        [
-            ops.reshape(d_keys, (-1, slots, e)),
-            ops.reshape(d_values, (-1, slots, e)),
-        ],
-        axis=2,
-    )
-    if activation:
-        sums["kv_gamma"] += ops.sum(d_both * kv_hat, axis=(0, 1))
-        sums["kv_beta"] += ops.sum(d_both, axis=(0, 1))
-        d_pre = normalize_backward(
-            d_both * w["kv_gamma"], kv_hat, kv_rstd
-        ) * elu_grad(kv_act)
-    else:
-        d_pre = d_both
-    d_pre = ops.reshape(d_pre, (-1, slots, 2 * e))
-    sums["kv_slots"] += ops.sum(d_pre, axis=0)
-    dkv_prev = dkv_prev + d_pre
+    for name, grad in window_grads.items():
+        sums[name] += grad
+    dkc_prev = _unshift(dkc) + dkc_read
+    dvc_prev = _unshift(dvc) + dvc_read
+    dcells_prev = _unshift(dcells)
 
     dhw = ops.concatenate([dq * elu_grad(q), dz], axis=-1)
     dh_prev = ops.matmul(dhw, ops.transpose(w["h_kernel"]))
@@ -315,21 +447,21 @@ def backward_step(carry, xs_t, w, num_heads, activation, epsilon, rdm, adm):
     if m is not None:
         dh_prev = dh_prev + dh_skip
         dc_prev = dc_prev + dc_skip
-        dkv_prev = dkv_prev + dkv_skip
+        dkc_prev = dkc_prev + dkc_skip
+        dvc_prev = dvc_prev + dvc_skip
         dcells_prev = dcells_prev + dcells_skip
-    return (dh_prev, dc_prev, dkv_prev, dcells_prev, dvalid, kv, sums), (
-        dhw,
-        du,
-        dkv_new,
+    carry = (
+        dh_prev, dc_prev, dkc_prev, dvc_prev, dcells_prev, dvalid, kc, vc, sums,
     )
+    return carry, (dhw, du, dkv_new)
 
 
 def zero_sums(w, activation):
     """The initial running sums of `backward_step`."""
     names = ["hidden_gamma", "hidden_beta", "cell_gamma", "cell_beta"]
-    names += ["attention_gamma", "attention_beta", "kv_slots"]
+    names += ["attention_gamma", "attention_beta", "key_slots", "value_slots"]
     if activation:
-        names += ["kv_gamma", "kv_beta"]
+        names += ["key_gamma", "value_gamma", "value_beta"]
     return {name: ops.zeros_like(w[name]) for name in names}
 
 
@@ -359,14 +491,13 @@ def prepare(weights, input_dim, slots):
 
     Returns:
         `(step_weights, input_kernel, input_bias)`: the dict of
-        `STEP_WEIGHTS` (without the key/value norm entries when there are no
-        key/value norms), and the (d, 5e) kernel and (5e,) bias of the
-        hoisted input projection (query part, then gates part).
+        `STEP_WEIGHTS` (without the norm entries of the keys and values when
+        there are no such norms), and the (d, 5e) kernel and (5e,) bias of
+        the hoisted input projection (query part, then gates part).
     """
     units = weights["attention_output_kernel"].shape[-1]
     key_kernel, value_kernel = weights["key_kernel"], weights["value_kernel"]
     query_kernel = weights["query_kernel"]
-    kv_bias = ops.concatenate([weights["key_bias"], weights["value_bias"]], 0)
     step = {
         "h_kernel": ops.concatenate(
             [query_kernel[input_dim:], weights["recurrent_kernel"]], axis=1
@@ -384,23 +515,21 @@ def prepare(weights, input_dim, slots):
         "hidden_gamma": weights["hidden_norm_gamma"],
         "hidden_beta": weights["hidden_norm_beta"],
     }
-    ones = ops.ones((slots, 1), dtype=kv_bias.dtype)
-    step["kv_slots"] = ones * kv_bias
+    positions = None
     if key_kernel.shape[0] > units:
         positions = ops.convert_to_tensor(
-            positional_features(slots), dtype=kv_bias.dtype
+            positional_features(slots), dtype=key_kernel.dtype
         )
-        positional_kernel = ops.concatenate(
-            [key_kernel[units:], value_kernel[units:]], axis=1
-        )
-        step["kv_slots"] += ops.matmul(positions, positional_kernel)
+    for half, kernel in (("key", key_kernel), ("value", value_kernel)):
+        bias = weights[f"{half}_bias"]
+        constant = ops.ones((slots, 1), dtype=bias.dtype) * bias
+        if positions is not None:
+            constant = constant + ops.matmul(positions, kernel[units:])
+        step[f"{half}_slots"] = constant
     if weights.get("key_norm_gamma") is not None:
-        step["kv_gamma"] = ops.stack(
-            [weights["key_norm_gamma"], weights["value_norm_gamma"]]
-        )
-        step["kv_beta"] = ops.stack(
-            [weights["key_norm_beta"], weights["value_norm_beta"]]
-        )
+        step["key_gamma"] = weights["key_norm_gamma"]
+        step["value_gamma"] = weights["value_norm_gamma"]
+        step["value_beta"] = weights["value_norm_beta"]
     input_kernel = ops.concatenate(
         [query_kernel[:input_dim], weights["kernel"]], axis=1
     )

@@ -75,12 +75,11 @@ def _forward(xqz, state0, w, m, masks, config):
     return tuple(final), tuple(per_step)
 
 
-def _backward(state0, w, m, masks, per_step, kv_last, d_hs, d_final, config):
+def _backward(state0, w, m, masks, per_step, caches, d_hs, d_final, config):
     num_heads, reverse, epsilon, activation = config
     rdm, adm = masks
-    dh, dc, dkv, dcells, dvalid = d_final
     h0, c0 = state0[:2]
-    hs, cs, q, p, o, ua, gates, dropped, live = per_step
+    hs, cs, q, p, o, u, ua, gates, dropped = per_step
     h_prev = _previous(hs, h0, reverse)
     c_prev = _previous(cs, c0, reverse)
 
@@ -89,11 +88,10 @@ def _backward(state0, w, m, masks, per_step, kv_last, d_hs, d_final, config):
             tuple(carry), xs_t, w, num_heads, activation, epsilon, rdm, adm
         )
 
-    carry = (dh, dc, dkv, dcells, dvalid, kv_last, steps.zero_sums(w, activation))
-    xs = (d_hs, h_prev, c_prev, cs, q, p, ua, gates, dropped, live, m)
-    (dh0, dc0, dkv0, dcells0, dvalid0, _, sums), (dhw, du, dkv_new) = _scan(
-        body, carry, xs, not reverse
-    )
+    carry = (*d_final, *caches, steps.zero_sums(w, activation))
+    xs = (d_hs, h_prev, c_prev, cs, q, p, u, ua, gates, dropped, m)
+    carry, (dhw, du, dkv_new) = _scan(body, carry, xs, not reverse)
+    *d_state0, _, _, sums = carry
     hd = h_prev if rdm is None else h_prev * rdm
     grads = steps.weight_grads(
         _flat(hd),
@@ -107,7 +105,7 @@ def _backward(state0, w, m, masks, per_step, kv_last, d_hs, d_final, config):
         sums,
         epsilon,
     )
-    return dhw, (dh0, dc0, dkv0, dcells0, dvalid0), grads
+    return dhw, tuple(d_state0), grads
 
 
 _forward_xla = tf.function(_forward, jit_compile=True)
@@ -115,7 +113,7 @@ _backward_xla = tf.function(_backward, jit_compile=True)
 
 
 def _recurrence(xqz, state0, w, m, masks, config):
-    """hs (t, b, e) and the final (h, c, kv, cells, valid)."""
+    """hs (t, b, e) and the final (h, c, kc, vc, cells, valid)."""
     names = sorted(w)
 
     @tf.custom_gradient
@@ -124,8 +122,8 @@ def _recurrence(xqz, state0, w, m, masks, config):
         # tensorflow from exporting their loops' internals for its own.
         xqz = tf.stop_gradient(xqz)
         flat = [tf.stop_gradient(v) for v in flat]
-        state = tuple(flat[:5])
-        weights = dict(zip(names, flat[5:]))
+        state = tuple(flat[:6])
+        weights = dict(zip(names, flat[6:]))
         final, per_step = _forward_xla(xqz, state, weights, m, masks, config)
 
         def grad(d_hs, *d_final):
@@ -139,7 +137,7 @@ def _recurrence(xqz, state0, w, m, masks, config):
                 m,
                 masks,
                 per_step,
-                final[2],
+                final[2:4],
                 d_hs,
                 tuple(d_final),
                 config,
@@ -183,14 +181,13 @@ def larnn(
     )
     cells0 = tf.reshape(window0, (-1, slots, units))
     kv0 = tf.tensordot(cells0, w["kv_kernel"], axes=1)
+    state0 = (h0, c0, kv0[..., :units], kv0[..., units:], cells0, valid0)
     m = None
     if mask is not None:
         m = tf.transpose(tf.cast(mask, tf.bool))[..., None]
     masks = (cast(recurrent_dropout_mask), cast(attention_dropout_mask))
-    config = (num_heads, reverse, float(epsilon), "kv_gamma" in w)
-    hs, (h, c, _, cells, valid) = _recurrence(
-        xqz, (h0, c0, kv0, cells0, valid0), w, m, masks, config
-    )
+    config = (num_heads, reverse, float(epsilon), "key_gamma" in w)
+    hs, (h, c, _, _, cells, valid) = _recurrence(xqz, state0, w, m, masks, config)
     final = [h, c, tf.reshape(cells, (-1, slots * units)), valid]
     return (
         tf.cast(tf.transpose(hs, (1, 0, 2)), dtype),
