@@ -10,6 +10,7 @@ implementation ran last:
 'jax_scan'
 """
 
+from keras_attnrnn.ops.aaren_scan import aaren_scan
 from keras_attnrnn.ops.attnrnn import attnrnn
 from keras_attnrnn.ops.larnn import larnn
 from keras_attnrnn.ops.registry import ENV_VAR
@@ -31,6 +32,7 @@ __all__ = [
     "ENV_VAR",
     "REGISTRY",
     "Implementation",
+    "aaren_scan",
     "attnrnn",
     "implementations",
     "larnn",
