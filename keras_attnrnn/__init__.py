@@ -6,6 +6,9 @@ implementation from `keras_attnrnn.ops`, chosen per backend and device.
 
 from keras_attnrnn import datasets
 from keras_attnrnn import ops
+from keras_attnrnn.aaren import Aaren
+from keras_attnrnn.aaren import AarenBlock
+from keras_attnrnn.aaren import AarenCell
 from keras_attnrnn.attnrnn import AttnRNN
 from keras_attnrnn.attnrnn import AttnRNNCell
 from keras_attnrnn.larnn import LARNN
@@ -14,6 +17,9 @@ from keras_attnrnn.larnn import LARNNCell
 __version__ = "0.1.0"
 
 __all__ = [
+    "Aaren",
+    "AarenBlock",
+    "AarenCell",
     "AttnRNN",
     "AttnRNNCell",
     "LARNN",
