@@ -5,4 +5,6 @@ the `KERAS_ATTNRNN_DATA` environment variable, else the Keras cache, where the
 files are downloaded from their official source when absent.
 """
 
+from keras_attnrnn.datasets import etth1
 from keras_attnrnn.datasets import imdb
+from keras_attnrnn.datasets import uea
