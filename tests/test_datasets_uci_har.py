@@ -120,3 +120,33 @@ def test_rejects_inconsistent_files(data_dir):
     np.savetxt(path, [1, 2, 7], fmt="%d")
     with pytest.raises(ValueError, match="not in 1..6"):
         uci_har.load_data(data_dir[0])
+
+
+def _example():
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "examples", "uci_har.py")
+    spec = importlib.util.spec_from_file_location("uci_har_example", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_example_trains_and_reports_test_accuracy(data_dir, tmp_path):
+    output = str(tmp_path / "har.keras")
+    accuracy = _example().main([
+        "--data-dir", data_dir[0], "--epochs", "1", "--units", "8",
+        "--window", "4", "--heads", "2", "--layers", "1", "--batch-size", "8",
+        "--output", output,
+    ])
+    assert 0.0 <= accuracy <= 1.0
+    assert os.path.exists(output)
+
+
+def test_example_without_data_exits_with_a_clear_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
+    monkeypatch.setattr(uci_har, "ORIGIN", (tmp_path / "nowhere.zip").as_uri())
+    with pytest.raises(SystemExit) as exit_info:
+        _example().main(["--data-dir", str(tmp_path / "empty")])
+    assert exit_info.value.code == 2
+    assert "uci_har" in capsys.readouterr().err

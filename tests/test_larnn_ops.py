@@ -325,6 +325,24 @@ def test_reference_mode_runs_the_reference(monkeypatch):
     assert calls
 
 
+def test_building_and_training_a_model_never_runs_the_reference(monkeypatch):
+    """Keras infers a model's output shapes by running it symbolically (on
+    torch, on "meta" tensors): that must not fall back to the reference's
+    step-by-step loop either."""
+    calls = []
+    original = reference.larnn
+    monkeypatch.setattr(
+        reference, "larnn", lambda *a, **k: calls.append(1) or original(*a, **k)
+    )
+    inputs = keras.Input((40, 3))
+    hidden = keras_attnrnn.LARNN(8, window=3, num_heads=2)(inputs)
+    model = keras.Model(inputs, keras.layers.Dense(1)(hidden))
+    model.compile("sgd", "mse")
+    model.fit(np.zeros((2, 40, 3)), np.zeros((2, 1)), verbose=0)
+    assert not calls
+    assert keras_attnrnn.ops.selected("larnn") in IMPLEMENTATIONS
+
+
 def test_env_variable_selects_reference(monkeypatch, caplog):
     monkeypatch.setenv("KERAS_ATTNRNN_IMPLEMENTATION", "reference")
     with caplog.at_level(logging.INFO, logger="keras_attnrnn.ops"):
