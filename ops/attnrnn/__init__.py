@@ -6,6 +6,7 @@ Implementations (all with the signature of `reference.attnrnn`):
 |---|---|---|---|
 | `reference` | any | any | `keras.ops.scan` over `attnrnn_step` |
 | `jax_scan` | jax | any | `lax.scan` with a hand-written VJP (`jax.py`) |
+| `tensorflow_cpp` | tensorflow | cpu | C++ custom ops built on first use (`tensorflow_cpp.py`) |
 | `tensorflow_loop` | tensorflow | any | XLA while loops, custom gradient (`tensorflow.py`) |
 | `torch_cpp` | torch | cpu | C++ step loops built on first use (`torch_cpp.py`) |
 | `torch_cpu` | torch | cpu | the same in Python, when C++ cannot be built (`torch.py`) |
@@ -238,29 +239,31 @@ REGISTRY.register(
 )
 
 
-def _torch_cpp(name):
-    """A lazy forwarder to `torch_cpp.<name>` (no torch import at startup)."""
+def _lazy(module, backend, name):
+    """A forwarder to `<module>.<name>` that imports nothing at startup."""
 
     def call(*args):
-        if importlib.util.find_spec("torch") is None:
-            return False, "torch is not installed"
-        from keras_attnrnn.ops.attnrnn import torch_cpp
-
-        return getattr(torch_cpp, name)(*args)
+        if importlib.util.find_spec(backend) is None:
+            return False, f"{backend} is not installed"
+        return getattr(importlib.import_module(module), name)(*args)
 
     return call
 
 
-REGISTRY.register(
-    Implementation(
-        op=OP,
-        name="torch_cpp",
-        module="keras_attnrnn.ops.attnrnn.torch_cpp",
-        function="attnrnn",
-        backends=("torch",),
-        devices=("cpu",),
-        priority=20,
-        available=_torch_cpp("available"),
-        supports=_torch_cpp("supports"),
+for _name, _backend, _module in (
+    ("torch_cpp", "torch", "keras_attnrnn.ops.attnrnn.torch_cpp"),
+    ("tensorflow_cpp", "tensorflow", "keras_attnrnn.ops.attnrnn.tensorflow_cpp"),
+):
+    REGISTRY.register(
+        Implementation(
+            op=OP,
+            name=_name,
+            module=_module,
+            function="attnrnn",
+            backends=(_backend,),
+            devices=("cpu",),
+            priority=20,
+            available=_lazy(_module, _backend, "available"),
+            supports=_lazy(_module, _backend, "supports"),
+        )
     )
-)

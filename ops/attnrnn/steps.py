@@ -206,3 +206,30 @@ def weight_grads(h, x, residuals, dhw, du, dh_step):
         sums(dcand * rhat),
         sums(dcand),
     )
+
+
+def packed_weight_grads(h0, hs, o, a, rhat, dhw, du, dcand, reverse):
+    """The packed weights' gradients for loops that saved o, a and rhat.
+
+    For the compiled (C++) loops: time-major hs, o, a, rhat (t, b, e) from the
+    forward, and the per-step dhw (t, b, 2e), du, dcand (t, b, e) from the
+    backward. Returns the gradients of (w_hq, b_hq, w_o, b_o, w_ga, gamma,
+    beta), the packed weights of `prepare` (w_hq = [query_kernel | gate_kernel[:e]],
+    b_hq = [query_bias | gate_bias], w_ga = gate_kernel[e:]).
+    """
+    units = hs.shape[-1]
+    first = ops.expand_dims(h0, 0)
+    h_prev = ops.concatenate(
+        [hs[1:], first] if reverse else [first, hs[:-1]], axis=0
+    )
+    rows = lambda v: ops.reshape(v, (-1, v.shape[-1]))  # noqa: E731
+    dhw, du, dcand = rows(dhw), rows(du), rows(dcand)
+    return (
+        ops.matmul(ops.transpose(rows(h_prev)), dhw),
+        ops.sum(dhw, axis=0),
+        ops.matmul(ops.transpose(rows(o)), du),
+        ops.sum(du, axis=0),
+        ops.matmul(ops.transpose(rows(a)), dhw[:, units:]),
+        ops.sum(dcand * rows(rhat), axis=0),
+        ops.sum(dcand, axis=0),
+    )

@@ -7,17 +7,28 @@ If it cannot be built, `available()` says why and the registry falls back to
 the pure-Python `torch_cpu` implementation.
 """
 
+import hashlib
 import logging
 import os
 import shutil
 
 import torch
 
+from keras_attnrnn.ops.attnrnn import steps
 from keras_attnrnn.ops.attnrnn.reference import LAYER_NORM_EPSILON
 
-_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "torch_cpu.cpp")
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_SOURCES = [os.path.join(_HERE, "torch_cpu.cpp"), os.path.join(_HERE, "attnrnn_cpu.h")]
 _extension = None
 _error = None
+
+
+def _source_hash():
+    digest = hashlib.sha256()
+    for path in _SOURCES:
+        with open(path, "rb") as f:
+            digest.update(f.read())
+    return digest.hexdigest()[:12]
 
 
 def _load():
@@ -30,8 +41,10 @@ def _load():
                 "building the AttnRNN CPU extension (once per machine)"
             )
             _extension = cpp_extension.load(
-                name="keras_attnrnn_attnrnn_cpu",
-                sources=[_SOURCE],
+                # The sources' hash in the name: a changed header is rebuilt.
+                name=f"keras_attnrnn_attnrnn_cpu_{_source_hash()}",
+                sources=_SOURCES[:1],
+                extra_include_paths=[_HERE],
                 extra_cflags=["-O3", "-fopenmp"],
                 extra_ldflags=["-fopenmp"],
                 verbose=False,
@@ -57,8 +70,9 @@ def available():
 def supports(call):
     if call["recurrent_dropout"]:
         return False, "recurrent dropout is not fused (the reference serves it)"
-    if call["dtype"] not in ("float16", "bfloat16", "float32", "float64"):
-        return False, f"dtype {call['dtype']} is not a float dtype"
+    if call["dtype"] not in ("float16", "bfloat16", "float32"):
+        # float64: Keras's torch ops compute it in float32 (keras dtype rules).
+        return False, f"dtype {call['dtype']} is not float16/bfloat16/float32"
     return True, ""
 
 
@@ -66,39 +80,29 @@ class _AttnRNN(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, h0, w_hq, b_hq, w_o, b_o, w_ga, gamma, beta, mask, meta):
         num_heads, reverse, epsilon = meta
-        ext = _load()
-        (hs, q, p, o, u, a, z, rhat, rstd) = ext.forward(
+        saved = _load().forward(
             x, h0, w_hq, b_hq, w_o, b_o, w_ga, gamma, beta, mask,
             num_heads, reverse, epsilon,
         )
         ctx.meta = (num_heads, reverse)
         ctx.save_for_backward(
-            x, h0, hs, q, p, o, u, a, z, rhat, rstd, w_hq, w_o, w_ga, gamma, beta, mask
+            x, h0, *saved, w_hq, b_hq, w_o, b_o, w_ga, gamma, beta, mask
         )
+        hs = saved[0]
         return hs, (hs[0] if reverse else hs[-1])
 
     @staticmethod
     def backward(ctx, d_hs, d_last):
         num_heads, reverse = ctx.meta
-        (x, h0, hs, q, p, o, u, a, z, rhat, rstd,
-         w_hq, w_o, w_ga, gamma, beta, mask) = ctx.saved_tensors
+        x, h0, *rest = ctx.saved_tensors
+        saved, (w_hq, b_hq, w_o, b_o, w_ga, gamma, beta, mask) = rest[:9], rest[9:]
+        hs, _, _, o, _, a, _, rhat, _ = saved
         dx, dh0, dhw, du, dcand = _load().backward(
-            d_hs, d_last, x, h0, hs, q, p, u, z, rhat, rstd,
-            w_hq, w_o, w_ga, gamma, beta, mask, num_heads, reverse,
+            d_hs, d_last, x, h0, *saved,
+            w_hq, b_hq, w_o, b_o, w_ga, gamma, beta, mask, num_heads, reverse,
         )
-        e = x.shape[-1]
-        if reverse:
-            h_prev = torch.cat([hs[1:], h0[None]])
-        else:
-            h_prev = torch.cat([h0[None], hs[:-1]])
-        rows = lambda v: v.reshape(-1, v.shape[-1])  # noqa: E731
-        dhw, du, dcand = rows(dhw), rows(du), rows(dcand)
-        d_w_hq = torch.mm(rows(h_prev).t(), dhw)
-        d_w_o = torch.mm(rows(o).t(), du)
-        d_w_ga = torch.mm(rows(a).t(), dhw[:, e:])
-        d_gamma = (dcand * rows(rhat)).sum(0)
-        return (dx, dh0, d_w_hq, dhw.sum(0), d_w_o, du.sum(0), d_w_ga,
-                d_gamma, dcand.sum(0), None, None)
+        d_weights = steps.packed_weight_grads(h0, hs, o, a, rhat, dhw, du, dcand, reverse)
+        return (dx, dh0, *d_weights, None, None)
 
 
 def attnrnn(
