@@ -16,7 +16,7 @@ Shapes: b batch, t time, n heads, k head dim, N blocks, C steps per block.
 import numpy as np
 import tensorflow as tf
 
-CHUNK = 64
+CHUNK = 32  # steps per block; see the table in __init__.py
 
 
 def _combine(a, b):

@@ -5,8 +5,8 @@ is exact causal softmax of the fixed query: with mloc_t the running max of
 the block's scores, step i weighs exp(s_i - mloc_t) in prefix t (<= 1, and 1
 for the max, so no 0/0); a (C, C) weight matrix per block and head gives the
 block's prefix states (mloc, uloc, wloc). The block totals, with the initial
-state as an extra leaf in front, go through an associative scan (short: one
-leaf per block). The state before each block is then merged with the block's
+state as an extra leaf in front, go through a doubling scan (short: one leaf
+per block). The state before each block is then merged with the block's
 prefix states: with m = max(M, mloc), the output is
 wloc * (e^(mloc - m) / u) + W * (e^(M - m) / u), the small factors computed
 first, so the (t, k)-sized tensors see two passes.
@@ -18,10 +18,9 @@ O(t * CHUNK), float32 accumulation for 16-bit inputs. A single step
 Shapes: b batch, t time, n heads, k head dim, N blocks, C steps per block.
 """
 
-import keras
 import torch
 
-CHUNK = 64
+CHUNK = 16  # steps per block; see the table in __init__.py
 
 
 def _combine(a, b):
@@ -35,6 +34,26 @@ def _combine(a, b):
         u_a * e_a + u_b * e_b,
         w_a * e_a.unsqueeze(-1) + w_b * e_b.unsqueeze(-1),
     )
+
+
+def _scan_blocks(elems, neg):
+    """Inclusive scan of (m, u, w) along axis 2, by doubling (Hillis-Steele).
+
+    log2(N) combines of whole (short) tensors: fewer ops than a recursive
+    associative scan, which matters in eager torch.
+    """
+    blocks = elems[0].shape[2]
+    shift = 1
+    while shift < blocks:
+        m, u, w = elems
+        shifted = (
+            torch.nn.functional.pad(m[:, :, :-shift], (shift, 0), value=neg),
+            torch.nn.functional.pad(u[:, :, :-shift], (shift, 0)),
+            torch.nn.functional.pad(w[:, :, :-shift], (0, 0, shift, 0)),
+        )
+        elems = _combine(shifted, elems)
+        shift *= 2
+    return elems
 
 
 def _inverse(u):
@@ -117,7 +136,7 @@ def aaren_scan(scores, values, initial_state=None, mask=None, reverse=False):
             torch.cat([u0.unsqueeze(-1), u_loc[..., -1]], dim=2),
             torch.cat([w0.unsqueeze(2), w_loc[..., -1, :]], dim=2),
         )
-        carry = keras.ops.associative_scan(_combine, totals, axis=2)
+        carry = _scan_blocks(totals, neg)
         # Merge the state before each block with the block's prefixes.
         m_in = carry[0][:, :, :-1, None]
         u_in = carry[1][:, :, :-1, None]
