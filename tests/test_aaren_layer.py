@@ -308,6 +308,20 @@ def test_block_is_a_transformer_block_around_aaren(rng):
     assert to_numpy(block.compute_mask(x, mask)).tolist() == mask.tolist()
 
 
+@pytest.mark.parametrize("go_backwards", [False, True], ids=["causal", "anticausal"])
+def test_block_sees_only_one_side(go_backwards, rng):
+    """Each output depends on the steps up to it (after it, backwards)."""
+    block = keras_attnrnn.AarenBlock(UNITS, num_heads=HEADS, go_backwards=go_backwards)
+    x = _x(rng, features=UNITS)
+    block.build(x.shape)
+    changed = x.copy()
+    changed[:, 4] += 1.0
+    before, after = _apply(block, x)[0], _apply(block, changed)[0]
+    moved = np.abs(after - before).max(axis=(0, 2)) > 1e-6
+    expected = np.arange(T) <= 4 if go_backwards else np.arange(T) >= 4
+    np.testing.assert_array_equal(moved, expected)
+
+
 def test_block_streams_like_the_whole_sequence(rng):
     x = _x(rng, features=UNITS)
     block = keras_attnrnn.AarenBlock(UNITS, num_heads=HEADS, normalize_first=True)
