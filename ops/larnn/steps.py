@@ -39,9 +39,10 @@ from keras_attnrnn.ops.larnn.reference import positional_features
 # A score no valid slot reaches: masked slots get a softmax weight of 0.
 MASKED_SCORE = -1e9
 
-# The weights as the loops take them (see `prepare`). key_norm_beta is not
-# among them: it adds the same <q, beta_k> to every score of a head, which
-# the softmax ignores, so its gradient is 0.
+# The weights as the loops take them (see `prepare`). key_beta is not used:
+# it adds the same <q, beta_k> to every score of a head, which the softmax
+# ignores; it is passed so that its gradient is an exact 0, not a missing one
+# (Keras optimizers warn about variables without a gradient).
 STEP_WEIGHTS = (
     "h_kernel",
     "kv_kernel",
@@ -51,6 +52,7 @@ STEP_WEIGHTS = (
     "output_bias",
     "attention_kernel",
     "key_gamma",
+    "key_beta",
     "value_gamma",
     "value_beta",
     "attention_gamma",
@@ -461,7 +463,7 @@ def zero_sums(w, activation):
     names = ["hidden_gamma", "hidden_beta", "cell_gamma", "cell_beta"]
     names += ["attention_gamma", "attention_beta", "key_slots", "value_slots"]
     if activation:
-        names += ["key_gamma", "value_gamma", "value_beta"]
+        names += ["key_gamma", "key_beta", "value_gamma", "value_beta"]
     return {name: ops.zeros_like(w[name]) for name in names}
 
 
@@ -528,6 +530,7 @@ def prepare(weights, input_dim, slots):
         step[f"{half}_slots"] = constant
     if weights.get("key_norm_gamma") is not None:
         step["key_gamma"] = weights["key_norm_gamma"]
+        step["key_beta"] = weights["key_norm_beta"]
         step["value_gamma"] = weights["value_norm_gamma"]
         step["value_beta"] = weights["value_norm_beta"]
     input_kernel = ops.concatenate(

@@ -132,6 +132,7 @@ class _LARNN(torch.autograd.Function):
         b_o,
         w_att,
         key_gamma,
+        key_beta,
         value_gamma,
         value_beta,
         g_a,
@@ -231,6 +232,7 @@ class _LARNN(torch.autograd.Function):
             h_kernel, kv_kernel, key_slots, value_slots, w_o, w_att,
             key_gamma, value_gamma, value_beta, g_a, b_a, g_c, b_c, g_h, b_h,
         )
+        ctx.key_beta = key_beta
         cells = tapes.read(tape_c, t_len)
         return saved["hs"], h, c, cells, valid.to(xqz.dtype)
 
@@ -412,6 +414,7 @@ class _LARNN(torch.autograd.Function):
         dhw_rows, du_rows = rows(dhw_all), rows(du_all)
         a = F.layer_norm(rows(s["ua"]), (e,), g_a, b_a, epsilon)
         ctx.saved = ctx.tapes = ctx.weights = None
+        key_beta_grad = None if ctx.key_beta is None else zeros(ctx.key_beta)
         return (
             dhw_all,
             dh,
@@ -428,6 +431,7 @@ class _LARNN(torch.autograd.Function):
             du_rows.sum(0),
             torch.mm(a.t(), dhw_rows[:, e:]),
             sums.get("key_gamma"),
+            key_beta_grad,  # the same for every slot: the softmax ignores it
             sums.get("value_gamma"),
             sums.get("value_beta"),
             sums["g_a"],
@@ -492,6 +496,7 @@ def larnn(
         w["output_bias"],
         w["attention_kernel"],
         w.get("key_gamma"),
+        w.get("key_beta"),
         w.get("value_gamma"),
         w.get("value_beta"),
         w["attention_gamma"],
