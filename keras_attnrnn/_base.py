@@ -58,6 +58,61 @@ def check_step_input(layer, inputs_shape, input_dim=None):
         )
 
 
+def _shape(value):
+    return tuple(getattr(value, "shape", None) or ops.shape(value))
+
+
+def check_mask(mask, inputs_shape):
+    """Validates the (batch, timesteps) boolean or integer mask of a layer."""
+    for m in mask if isinstance(mask, (list, tuple)) else [mask]:
+        if m is None:
+            continue
+        dtype = keras.backend.standardize_dtype(m.dtype)
+        if dtype != "bool" and not dtype.startswith(("int", "uint")):
+            raise ValueError(
+                "Received an invalid value for argument `mask`, expected a "
+                "boolean (or integer 0/1) tensor of shape (batch, timesteps), "
+                f"got dtype {dtype}."
+            )
+        shape = _shape(m)
+        if len(shape) != 2 or any(
+            a is not None and b is not None and a != b
+            for a, b in zip(shape, inputs_shape[:2])
+        ):
+            raise ValueError(
+                "Received an invalid value for argument `mask`, expected "
+                f"shape (batch, timesteps) = {tuple(inputs_shape[:2])}, got "
+                f"shape {shape}."
+            )
+
+
+def check_initial_state(cell, initial_state, batch_size):
+    """Validates an explicit `initial_state` against `cell.state_size`.
+
+    Returns it as a list.
+    """
+    sizes = cell.state_size
+    sizes = list(sizes) if isinstance(sizes, (list, tuple)) else [sizes]
+    states = (
+        list(initial_state)
+        if isinstance(initial_state, (list, tuple))
+        else [initial_state]
+    )
+    expected = [(batch_size, size) for size in sizes]
+    got = [_shape(s) for s in states]
+    if len(got) != len(expected) or any(
+        len(g) != 2
+        or any(a is not None and b is not None and a != b for a, b in zip(g, e))
+        for g, e in zip(got, expected)
+    ):
+        raise ValueError(
+            "Received an invalid value for argument `initial_state`, expected "
+            f"a list of {len(expected)} tensor(s) of shapes {expected}, got "
+            f"shapes {got}."
+        )
+    return states
+
+
 def pytorch_linear_bias(fan_in, seed=None):
     """PyTorch's `Linear` bias initialization: uniform in ±1/sqrt(fan_in)."""
     limit = 1.0 / fan_in**0.5
@@ -183,7 +238,26 @@ class FusedRNN(keras.layers.RNN):
             sequences, initial_state, mask=mask, training=training
         )
 
+    def _check_call(self, sequences, initial_state, mask):
+        if mask is not None:
+            check_mask(mask, sequences.shape)
+        if initial_state is not None:
+            initial_state = check_initial_state(
+                self.cell, initial_state, sequences.shape[0]
+            )
+        return initial_state
+
+    def compute_output_spec(
+        self, sequences, initial_state=None, mask=None, training=False
+    ):
+        # Symbolic calls (functional models) check what `call` checks.
+        self._check_call(sequences, initial_state, mask)
+        return super().compute_output_spec(
+            sequences, initial_state=initial_state, mask=mask, training=training
+        )
+
     def call(self, sequences, initial_state=None, mask=None, training=False):
+        initial_state = self._check_call(sequences, initial_state, mask)
         return super().call(
             sequences, mask=mask, training=training, initial_state=initial_state
         )

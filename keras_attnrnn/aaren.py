@@ -385,9 +385,12 @@ class Aaren(_base.FusedRNN):
 
     def fused_loop(self, sequences, initial_state, mask, training):
         cell = self.cell
-        _base.check_step_input(
-            cell, (sequences.shape[0], sequences.shape[-1]), cell.input_dim
-        )
+        if sequences.shape[-1] != cell.input_dim:
+            raise ValueError(
+                f"Received an invalid value for argument `inputs` of "
+                f"{self.name}: it was built for {cell.input_dim} features, "
+                f"got shape {tuple(sequences.shape)}."
+            )
         if training and cell.dropout > 0:
             keep = cell.get_dropout_mask(sequences[:, 0, :])
             sequences = sequences * ops.expand_dims(keep, 1)

@@ -122,13 +122,17 @@ class Registry:
             )
         return self._implementations[op]
 
+    def _choices(self, op):
+        """The valid `implementation` values of `op`, each named once."""
+        return list(MODES) + [n for n in self.names(op) if n not in MODES]
+
     def check_mode(self, op, mode):
         """Raises `ValueError` unless `mode` is a valid choice for `op`."""
         if mode is None or mode in MODES or mode in self._get_op(op):
             return mode
         raise ValueError(
             "Received an invalid value for argument `implementation`, "
-            f"expected one of {list(MODES) + self.names(op)}, got {mode!r}."
+            f"expected one of {self._choices(op)}, got {mode!r}."
         )
 
     def resolve_mode(self, op, mode):
@@ -141,7 +145,7 @@ class Registry:
                     raise ValueError(
                         f"Received an invalid value for environment "
                         f"variable {ENV_VAR}, expected one of "
-                        f"{list(MODES) + self.names(op)}, got {env!r}."
+                        f"{self._choices(op)}, got {env!r}."
                     )
                 mode = env
             else:

@@ -36,7 +36,8 @@ def _check_shapes(inputs, initial_state, num_heads, units, mask, input_kernel):
     if len(inputs.shape) != 3:
         raise ValueError(
             "Received an invalid value for argument `inputs`, expected a 3D "
-            f"tensor (batch, timesteps, features), got shape {inputs.shape}."
+            "tensor (batch, timesteps, features), got shape "
+            f"{tuple(inputs.shape)}."
         )
     if not isinstance(num_heads, int) or num_heads <= 0 or units % num_heads:
         raise ValueError(
@@ -48,12 +49,13 @@ def _check_shapes(inputs, initial_state, num_heads, units, mask, input_kernel):
     if features is not None and features != expected:
         raise ValueError(
             "Received an invalid value for argument `inputs`, expected "
-            f"{expected} features on the last axis, got shape {inputs.shape}."
+            f"{expected} features on the last axis, got shape "
+            f"{tuple(inputs.shape)}."
         )
     if len(initial_state.shape) != 2 or initial_state.shape[-1] != units:
         raise ValueError(
             "Received an invalid value for argument `initial_state`, expected "
-            f"shape (batch, {units}), got {initial_state.shape}."
+            f"shape (batch, {units}), got {tuple(initial_state.shape)}."
         )
     if mask is not None and (
         len(mask.shape) != 2
@@ -64,7 +66,8 @@ def _check_shapes(inputs, initial_state, num_heads, units, mask, input_kernel):
     ):
         raise ValueError(
             "Received an invalid value for argument `mask`, expected shape "
-            f"(batch, timesteps) = {tuple(inputs.shape[:2])}, got {mask.shape}."
+            f"(batch, timesteps) = {tuple(inputs.shape[:2])}, got "
+            f"{tuple(mask.shape)}."
         )
 
 
