@@ -246,3 +246,23 @@ def run_layer_test(
                 assert np.all(np.isfinite(m)), policy
                 err = np.abs(m - e).max() / max(np.abs(e).max(), 1e-6)
                 assert err <= tol, f"{policy}: relative error {err:.2e} > {tol}"
+
+
+def run_example(script, *args, timeout=600):
+    """Runs `examples/<script>` on this backend in a new process; its stdout."""
+    env = dict(os.environ, KERAS_BACKEND=BACKEND)
+    result = subprocess.run(
+        [sys.executable, os.path.join(REPO, "examples", script), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout
+
+
+def read_jsonl(path):
+    """The records of a JSON-lines file the experiment scripts append to."""
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
