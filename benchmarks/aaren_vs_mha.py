@@ -1,14 +1,15 @@
 """Aaren against causal `keras.layers.MultiHeadAttention`: time and memory.
 
-One command measures, per backend (each backend in its own process, both
-layers side by side in that process, after warm-up, over several repeats):
+One command measures, per backend, side by side in one run (each model in a
+new process of its own, after warm-up, over several repeats):
 
 * the training step (forward + backward + SGD update, `train_on_batch`) of
   `Input((T, D)) -> layer -> MSE`, for `Aaren(D, num_heads, return_sequences=True)`
   and for `MultiHeadAttention(num_heads, key_dim=D // num_heads)` called with
   `use_causal_mask=True` (same width and heads); its time (min and median)
-  and the peak memory growth during one step (GPU: the device allocator's
-  peak; CPU: the resident set, sampled every millisecond by a thread);
+  and the peak memory growth from before its first call (compilation
+  included) to its last (GPU: the device allocator's peak; CPU: the resident
+  set, sampled every millisecond by a thread);
 * the streaming step of a stateful `Aaren` at batch 1: the time of one
   one-token call (a direct layer call) after `--stream-short - 1` and after
   `T - 1` tokens, and the size of the state it carries.
@@ -194,9 +195,12 @@ def measure_train_step(name, args, backend):
     y = rng.normal(size=x.shape).astype("float32")
     model = _train_step_model(name, args)
     step = lambda: _sync(model.train_on_batch(x, y))  # noqa: E731
-    best, median = _timed(step, args.warmup, args.repeats)
+    # From the first call (compilation included) to the last: on the CPU,
+    # memory freed by a warm-up step stays resident in the allocator, so a
+    # later step alone shows little growth. Each model runs in a process of
+    # its own (`main`), so neither inherits memory the other freed.
     with PeakMemory(backend) as memory:
-        step()
+        best, median = _timed(step, args.warmup, args.repeats)
     return {"min_s": best, "median_s": median, "peak_bytes": memory.peak}
 
 
@@ -241,22 +245,35 @@ def child(args):
 
     backend = keras.config.backend()
     result = {"backend": backend, "device": _device_kind(backend)}
-    for name in ("aaren", "mha"):
+    if args.child == "stream":
+        result["stream"] = measure_streaming(args)
+    else:
         try:
-            result[name] = measure_train_step(name, args, backend)
-        except Exception as error:  # e.g. out of memory: still report Aaren
-            result[name] = {"error": f"{type(error).__name__}: {error}"[:300]}
-    result["stream"] = measure_streaming(args)
-    import keras_attnrnn
+            result[args.child] = measure_train_step(args.child, args, backend)
+        except Exception as error:  # e.g. out of memory: still report the rest
+            result[args.child] = {"error": f"{type(error).__name__}: {error}"[:300]}
+    if args.child != "mha":
+        import keras_attnrnn
 
-    result["implementation"] = keras_attnrnn.ops.selected("aaren_scan")
+        result["implementation"] = keras_attnrnn.ops.selected("aaren_scan")
     print(json.dumps(result), flush=True)
+
+
+def _run_backend(backend, argv):
+    """Aaren, MHA and streaming, each in a new process on `backend`."""
+    merged = {}
+    for part in ("aaren", "mha", "stream"):
+        result = _run_child(backend, [f"--child={part}", *argv])
+        if "error" in result:
+            return {"backend": backend, "error": f"{part}: {result['error']}"}
+        merged.update(result)
+    return merged
 
 
 def _run_child(backend, argv):
     env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
     done = subprocess.run(
-        [sys.executable, os.path.abspath(__file__), "--child", *argv],
+        [sys.executable, os.path.abspath(__file__), *argv],
         capture_output=True,
         text=True,
         env=env,
@@ -325,7 +342,7 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--stream-short", type=int, default=64)
     parser.add_argument("--stream-repeats", type=int, default=50)
-    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=("aaren", "mha", "stream"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         return child(args)
@@ -334,7 +351,7 @@ def main(argv=None):
         for key, value in vars(args).items()
         if key not in ("backends", "child")
     ]
-    results = [_run_child(b, forwarded) for b in args.backends.split(",")]
+    results = [_run_backend(b, forwarded) for b in args.backends.split(",")]
     report(results, args)
 
 
