@@ -1,6 +1,7 @@
 """The examples and experiment scripts run end to end in quick mode (CI's
 smoke test), on this backend, each in its own process."""
 
+import json
 import os
 import re
 
@@ -73,3 +74,21 @@ def test_synthetic_task_quick(task, tmp_path):
     (run,) = read_jsonl(results)
     assert run["experiment"] == task and run["model"] == "attnrnn"
     assert len(run["curve"]) == 2 and all(v >= 0.0 for _, v in run["curve"]), run
+
+
+def test_plot_results_draws_mean_and_spread_over_seeds(tmp_path):
+    pytest.importorskip("matplotlib")  # the [plots] extra, in [all]
+    results = tmp_path / "paper.jsonl"
+    runs = [("attnrnn", 1, [0.5, 0.7, 0.8]), ("attnrnn", 2, [0.6, 0.8, 0.9]),
+            ("gru", 1, [0.55, 0.75, 0.78]), ("gru", 1, [0.9])]
+    with open(results, "w") as f:
+        for model, seed, acc in runs:
+            quick = len(acc) == 1  # a smoke run: left out of the curves
+            f.write(json.dumps(dict(experiment="imdb_paper", model=model, seed=seed,
+                                    quick=quick, test_accuracy=acc)) + "\n")
+    output = tmp_path / "curves.png"
+    out = run_example("plot_results.py", "--results", str(results), "--output", str(output))
+    assert "attnrnn: 2 seed(s), final test accuracy 0.8000, 0.9000; " \
+           "best epoch mean 0.8500 at epoch 3" in out, out
+    assert "gru: 1 seed(s), final test accuracy 0.7800" in out, out
+    assert output.stat().st_size > 10_000
