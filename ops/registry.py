@@ -27,6 +27,7 @@ they are chosen.
 
 import dataclasses
 import importlib
+import importlib.util
 import logging
 import os
 from typing import Callable
@@ -39,6 +40,27 @@ logger = logging.getLogger("keras_attnrnn.ops")
 
 def _always(*args, **kwargs):
     return True, ""
+
+
+FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
+
+
+def float_dtype(call):
+    """A `supports` check: the call's dtype is a float dtype."""
+    if call["dtype"] in FLOAT_DTYPES:
+        return True, ""
+    return False, f"dtype {call['dtype']} is not a float dtype"
+
+
+def importable(module):
+    """An `available` check: `module` (a backend) can be imported."""
+
+    def check():
+        if importlib.util.find_spec(module) is None:
+            return False, f"{module} is not installed"
+        return True, ""
+
+    return check
 
 
 @dataclasses.dataclass(frozen=True)

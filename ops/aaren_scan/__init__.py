@@ -32,6 +32,8 @@ matrix products.
 from keras_attnrnn.ops import _dispatch
 from keras_attnrnn.ops.registry import REGISTRY
 from keras_attnrnn.ops.registry import Implementation
+from keras_attnrnn.ops.registry import float_dtype
+from keras_attnrnn.ops.registry import importable
 
 OP = "aaren_scan"
 
@@ -170,23 +172,6 @@ def aaren_scan(
     )
 
 
-def _float_dtype_ok(call):
-    if call["dtype"] in ("float16", "bfloat16", "float32", "float64"):
-        return True, ""
-    return False, f"dtype {call['dtype']} is not a float dtype"
-
-
-def _importable(module):
-    def check():
-        import importlib.util
-
-        if importlib.util.find_spec(module) is None:
-            return False, f"{module} is not installed"
-        return True, ""
-
-    return check
-
-
 for _backend in ("jax", "tensorflow", "torch"):
     REGISTRY.register(
         Implementation(
@@ -196,7 +181,7 @@ for _backend in ("jax", "tensorflow", "torch"):
             function="aaren_scan",
             backends=(_backend,),
             priority=10,
-            available=_importable(_backend),
-            supports=_float_dtype_ok,
+            available=importable(_backend),
+            supports=float_dtype,
         )
     )

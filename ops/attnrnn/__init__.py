@@ -17,6 +17,8 @@ import importlib.util
 from keras_attnrnn.ops import _dispatch
 from keras_attnrnn.ops.registry import REGISTRY
 from keras_attnrnn.ops.registry import Implementation
+from keras_attnrnn.ops.registry import float_dtype
+from keras_attnrnn.ops.registry import importable
 
 OP = "attnrnn"
 
@@ -180,25 +182,10 @@ def attnrnn(
     )
 
 
-def _float_dtype_ok(call):
-    if call["dtype"] in ("float16", "bfloat16", "float32", "float64"):
-        return True, ""
-    return False, f"dtype {call['dtype']} is not a float dtype"
-
-
 def _fused_supports(call):
     if call["recurrent_dropout"]:
         return False, "recurrent dropout is not fused (the reference serves it)"
-    return _float_dtype_ok(call)
-
-
-def _importable(module):
-    def check():
-        if importlib.util.find_spec(module) is None:
-            return False, f"{module} is not installed"
-        return True, ""
-
-    return check
+    return float_dtype(call)
 
 
 REGISTRY.register(
@@ -209,7 +196,7 @@ REGISTRY.register(
         function="attnrnn",
         backends=("jax",),
         priority=10,
-        available=_importable("jax"),
+        available=importable("jax"),
         supports=_fused_supports,
     )
 )
@@ -222,7 +209,7 @@ REGISTRY.register(
         function="attnrnn",
         backends=("tensorflow",),
         priority=10,
-        available=_importable("tensorflow"),
+        available=importable("tensorflow"),
         supports=_fused_supports,
     )
 )
@@ -236,7 +223,7 @@ REGISTRY.register(
         backends=("torch",),
         devices=("cpu",),
         priority=10,
-        available=_importable("torch"),
+        available=importable("torch"),
         supports=_fused_supports,
     )
 )

@@ -21,6 +21,8 @@ from keras_attnrnn.ops.larnn.reference import WEIGHT_NAMES
 from keras_attnrnn.ops.larnn.reference import positional_size
 from keras_attnrnn.ops.registry import REGISTRY
 from keras_attnrnn.ops.registry import Implementation
+from keras_attnrnn.ops.registry import float_dtype
+from keras_attnrnn.ops.registry import importable
 
 OP = "larnn"
 
@@ -218,23 +220,6 @@ def larnn(
     )
 
 
-def _fused_supports(call):
-    if call["dtype"] in ("float16", "bfloat16", "float32", "float64"):
-        return True, ""
-    return False, f"dtype {call['dtype']} is not a float dtype"
-
-
-def _importable(module):
-    def check():
-        import importlib.util
-
-        if importlib.util.find_spec(module) is None:
-            return False, f"{module} is not installed"
-        return True, ""
-
-    return check
-
-
 REGISTRY.register(
     Implementation(
         op=OP,
@@ -243,8 +228,8 @@ REGISTRY.register(
         function="larnn",
         backends=("jax",),
         priority=10,
-        available=_importable("jax"),
-        supports=_fused_supports,
+        available=importable("jax"),
+        supports=float_dtype,
     )
 )
 
@@ -256,8 +241,8 @@ REGISTRY.register(
         function="larnn",
         backends=("tensorflow",),
         priority=10,
-        available=_importable("tensorflow"),
-        supports=_fused_supports,
+        available=importable("tensorflow"),
+        supports=float_dtype,
     )
 )
 
@@ -270,7 +255,7 @@ REGISTRY.register(
         backends=("torch",),
         devices=("cpu",),
         priority=10,
-        available=_importable("torch"),
-        supports=_fused_supports,
+        available=importable("torch"),
+        supports=float_dtype,
     )
 )
