@@ -8,3 +8,6 @@ files are downloaded from their official source when absent.
 from keras_attnrnn.datasets import etth1
 from keras_attnrnn.datasets import imdb
 from keras_attnrnn.datasets import uea
+from keras_attnrnn.datasets import uci_har
+
+__all__ = ["etth1", "imdb", "uci_har", "uea"]
