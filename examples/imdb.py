@@ -26,12 +26,13 @@ import keras_attnrnn
 
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="8000 reviews, 100 tokens, 64 units, 3 epochs")
+    parser.add_argument("--quick", action="store_true",
+                        help="a smoke test: 8000 reviews, 100 tokens, 64 units (unless given)")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--units", type=int, default=128)
+    parser.add_argument("--units", type=int, default=None, help="128 (64 with --quick)")
     parser.add_argument("--num-words", type=int, default=20000)
-    parser.add_argument("--maxlen", type=int, default=200)
+    parser.add_argument("--maxlen", type=int, default=None, help="200 (100 with --quick)")
     parser.add_argument("--fused", action="store_true",
                         help="use the fused AttnRNN layer instead of RNN(AttnRNNCell)")
     parser.add_argument("--learning-rate", type=float, default=1e-3)
@@ -41,8 +42,9 @@ def parse_args():
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--output", default="imdb_attnrnn.keras")
     args = parser.parse_args()
+    args.maxlen = args.maxlen or (100 if args.quick else 200)
+    args.units = args.units or (64 if args.quick else 128)
     if args.quick:
-        args.epochs, args.maxlen, args.units = 3, 100, 64
         args.train_size = args.train_size or 8000
     return args
 
