@@ -37,6 +37,39 @@ class EpochClock(keras.callbacks.Callback):
             logs["epoch_seconds"] = time.perf_counter() - self._start
 
 
+class StepLoss(keras.callbacks.Callback):
+    """Records the training loss averaged over every `every` steps.
+
+    Keras reports the running mean of the loss over the epoch after each
+    batch; the loss of batch i is recovered as i * mean_i - (i - 1) *
+    mean_(i-1). `self.losses` holds one mean per `every` steps, all epochs
+    in order.
+    """
+
+    def __init__(self, every=20):
+        super().__init__()
+        self.every = every
+        self.losses = []
+        self._window = []
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._previous = 0.0
+
+    def on_train_batch_end(self, batch, logs=None):
+        mean = float(logs["loss"])
+        self._window.append((batch + 1) * mean - batch * self._previous)
+        self._previous = mean
+        if len(self._window) == self.every:
+            self.losses.append(sum(self._window) / self.every)
+            self._window = []
+
+
+def window_means(values, every=20):
+    """Means of consecutive groups of `every` values (the last one dropped if short)."""
+    n = len(values) // every * every
+    return [sum(values[i : i + every]) / every for i in range(0, n, every)]
+
+
 def record(path, **fields):
     """Appends one run to the JSON-lines file at `path`."""
     fields.setdefault("backend", keras.config.backend())

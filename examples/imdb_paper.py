@@ -26,8 +26,10 @@ import time
 import numpy as np
 
 from _experiment import EpochClock
+from _experiment import StepLoss
 from _experiment import history_lists
 from _experiment import record
+from _experiment import window_means
 
 
 def encode(data_dir, maxlen, quick):
@@ -65,7 +67,9 @@ def keras_run(args, seed, data):
     keras.utils.set_random_seed(seed)
     torch_linear = lambda: keras.initializers.VarianceScaling(1 / 3, "fan_in", "uniform")  # noqa
     recurrent = {
-        "attnrnn": lambda: keras_attnrnn.AttnRNN(args.units),
+        "attnrnn": lambda: keras_attnrnn.AttnRNN(
+            args.units, initialization=args.initialization
+        ),
         "gru": lambda: keras.layers.GRU(args.units),
         "lstm": lambda: keras.layers.LSTM(args.units),
     }[args.model]()
@@ -89,15 +93,17 @@ def keras_run(args, seed, data):
         keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=["accuracy"],
     )
+    steps = StepLoss(20)
     history = model.fit(
         x_train, y_train, batch_size=128, epochs=args.epochs, shuffle=True,
         validation_data=(x_test, y_test),  # the paper's protocol: test each epoch
-        callbacks=[EpochClock()], verbose=2,
+        callbacks=[EpochClock(), steps], verbose=2,
     )
     h = history_lists(history)
     return {
         "test_accuracy": h["val_accuracy"],
         "train_loss": h["loss"],
+        "step_loss_20": steps.losses,
         "epoch_seconds": h["epoch_seconds"],
         "implementation": keras_attnrnn.ops.selected("attnrnn"),
     }
@@ -151,6 +157,7 @@ def torch_reference_run(args, seed, data):
     xt, yt = torch.from_numpy(x_train).long(), torch.from_numpy(y_train).long()
     xs, ys = torch.from_numpy(x_test).long(), torch.from_numpy(y_test).long()
     result = {"test_accuracy": [], "train_loss": [], "epoch_seconds": []}
+    all_losses = []
     for epoch in range(args.epochs):
         start = time.perf_counter()
         model.train()
@@ -163,6 +170,7 @@ def torch_reference_run(args, seed, data):
             loss.backward()
             optimizer.step()
             losses.append(loss.item())
+            all_losses.append(losses[-1])
         model.eval()
         with torch.no_grad():
             correct = sum(
@@ -172,6 +180,7 @@ def torch_reference_run(args, seed, data):
         result["test_accuracy"].append(correct / len(xs))
         result["train_loss"].append(float(np.mean(losses)))
         result["epoch_seconds"].append(time.perf_counter() - start)
+        result["step_loss_20"] = window_means(all_losses, 20)
         print(f"epoch {epoch + 1}: loss {result['train_loss'][-1]:.4f}, "
               f"test accuracy {result['test_accuracy'][-1]:.4f}", flush=True)
     return result
@@ -184,6 +193,9 @@ def main():
     parser.add_argument("--seeds", default="1")
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--units", type=int, default=128)
+    parser.add_argument("--initialization", default="reference",
+                        choices=["reference", "default"],
+                        help="AttnRNN's initialization (reference: the public code's)")
     parser.add_argument("--maxlen", type=int, default=200)
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--results", default="runs/imdb_paper.jsonl")
@@ -199,7 +211,8 @@ def main():
         result = run(args, seed, data)
         print(f"{args.model} seed {seed}: test accuracy per epoch "
               + " ".join(f"{a:.4f}" for a in result["test_accuracy"]))
-        record(args.results, experiment="imdb_paper", model=args.model, seed=seed,
+        extra = {"initialization": args.initialization} if args.model == "attnrnn" else {}
+        record(args.results, experiment="imdb_paper", model=args.model, seed=seed, **extra,
                epochs=args.epochs, quick=args.quick, wall_seconds=time.perf_counter() - start,
                **result)
 

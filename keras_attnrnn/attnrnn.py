@@ -25,11 +25,34 @@ _GROUPS = {
     "input_bias": "bias",
     "query_bias": "bias",
     "output_bias": "bias",
-    "gate_bias": "bias",
+    "gate_bias": "gate_bias",
     "gamma": "gamma",
     "beta": "beta",
 }
 _PREFIXES = ("kernel", "recurrent", "bias", "gamma", "beta")
+
+# The initializations `initialization=` names. "default" trains in an
+# ordinary Keras pipeline; "reference" is the public code's (PyTorch
+# `Linear` and `LayerNorm` defaults). They differ in two weights only; see
+# docs/attnrnn.md, "Initialization".
+INITIALIZATIONS = ("default", "reference")
+DEFAULT_GATE_BIAS = -2.0
+DEFAULT_GAMMA = 0.1
+
+
+def _initialization_defaults(initialization, units):
+    """(gate_bias_initializer, gamma_initializer) of an initialization."""
+    if initialization not in INITIALIZATIONS:
+        raise ValueError(
+            "Received an invalid value for argument `initialization`, "
+            f"expected one of {INITIALIZATIONS}, got {initialization!r}."
+        )
+    if initialization == "reference":
+        return _base.pytorch_linear_bias(2 * units), initializers.Ones()
+    return (
+        initializers.Constant(DEFAULT_GATE_BIAS),
+        initializers.Constant(DEFAULT_GAMMA),
+    )
 
 
 @_base.serializable
@@ -61,12 +84,26 @@ class AttnRNNCell(keras.layers.Layer, _base.DropoutMasks):
         recurrent_initializer: Initializer for `query_kernel`,
             `output_kernel` and `gate_kernel`. Default: as
             `kernel_initializer`.
-        bias_initializer: Initializer for the biases. Default (`None`):
-            uniform in ±1/sqrt(fan_in) of each bias's kernel, as PyTorch.
-        gamma_initializer: Initializer for the LayerNorm scale. Default:
-            `"ones"`.
+        bias_initializer: Initializer for the biases but the gate's.
+            Default (`None`): uniform in ±1/sqrt(fan_in) of each bias's
+            kernel, as PyTorch.
+        gate_bias_initializer: Initializer for `gate_bias`. Default
+            (`None`): from `initialization`, the constant -2 (the gate
+            starts mostly closed, z ≈ 0.12, so the state keeps most of
+            itself from step to step, as LSTM's unit forget bias does).
+        gamma_initializer: Initializer for the LayerNorm scale. Default
+            (`None`): from `initialization`, the constant 0.1 (the state
+            starts on the scale of typical inputs, such as Keras's
+            `Embedding`, rather than 30 times larger).
         beta_initializer: Initializer for the LayerNorm offset. Default:
             `"zeros"`.
+        initialization: `"default"` or `"reference"`, where
+            `gate_bias_initializer` and `gamma_initializer` are not given.
+            `"default"` is made to train in an ordinary Keras pipeline;
+            `"reference"` is the public code's initialization (PyTorch's:
+            the gate bias uniform in ±1/sqrt(2 * units), gamma ones), for
+            reproducing the paper. The other weights start the same in
+            both. See docs/attnrnn.md, "Initialization".
         kernel_regularizer, recurrent_regularizer, bias_regularizer,
         gamma_regularizer, beta_regularizer: Regularizers of the same weight
             groups. Default: `None`.
@@ -113,8 +150,10 @@ class AttnRNNCell(keras.layers.Layer, _base.DropoutMasks):
         kernel_initializer=None,
         recurrent_initializer=None,
         bias_initializer=None,
-        gamma_initializer="ones",
+        gate_bias_initializer=None,
+        gamma_initializer=None,
         beta_initializer="zeros",
+        initialization="default",
         kernel_regularizer=None,
         recurrent_regularizer=None,
         bias_regularizer=None,
@@ -144,7 +183,16 @@ class AttnRNNCell(keras.layers.Layer, _base.DropoutMasks):
             None if bias_initializer is None
             else initializers.get(bias_initializer)
         )
-        self.gamma_initializer = initializers.get(gamma_initializer)
+        gate_bias_default, gamma_default = _initialization_defaults(
+            initialization, units
+        )
+        self.initialization = initialization
+        self.gate_bias_initializer = initializers.get(
+            gate_bias_initializer or gate_bias_default
+        )
+        self.gamma_initializer = initializers.get(
+            gamma_initializer or gamma_default
+        )
         self.beta_initializer = initializers.get(beta_initializer)
         for prefix, value in (
             ("kernel", kernel_regularizer),
@@ -178,6 +226,7 @@ class AttnRNNCell(keras.layers.Layer, _base.DropoutMasks):
         initializer = getattr(self, f"{group}_initializer")
         if group == "bias" and initializer is None:
             initializer = _base.pytorch_linear_bias(fan_in)
+        group = "bias" if group == "gate_bias" else group
         return self.add_weight(
             name=name,
             shape=shape,
@@ -245,6 +294,10 @@ class AttnRNNCell(keras.layers.Layer, _base.DropoutMasks):
             "units": self.units,
             "num_heads": self.num_heads,
             "initial_state_value": self.initial_state_value,
+            "initialization": self.initialization,
+            "gate_bias_initializer": initializers.serialize(
+                self.gate_bias_initializer
+            ),
             "dropout": self.dropout,
             "recurrent_dropout": self.recurrent_dropout,
             "seed": self.seed,
@@ -285,8 +338,11 @@ class AttnRNN(_base.FusedRNN):
         initial_state_value: Float the default initial state is filled with.
             Default: 0.001.
         kernel_initializer, recurrent_initializer, bias_initializer,
-        gamma_initializer, beta_initializer: Initializers of the weight
-            groups, as in `AttnRNNCell`.
+        gate_bias_initializer, gamma_initializer, beta_initializer:
+            Initializers of the weight groups, as in `AttnRNNCell`.
+        initialization: `"default"` (made to train in an ordinary Keras
+            pipeline) or `"reference"` (the public code's PyTorch
+            initialization), as in `AttnRNNCell`.
         kernel_regularizer, recurrent_regularizer, bias_regularizer,
         gamma_regularizer, beta_regularizer: Regularizers, as in
             `AttnRNNCell`.
@@ -350,8 +406,10 @@ class AttnRNN(_base.FusedRNN):
         kernel_initializer=None,
         recurrent_initializer=None,
         bias_initializer=None,
-        gamma_initializer="ones",
+        gate_bias_initializer=None,
+        gamma_initializer=None,
         beta_initializer="zeros",
+        initialization="default",
         kernel_regularizer=None,
         recurrent_regularizer=None,
         bias_regularizer=None,
@@ -381,8 +439,10 @@ class AttnRNN(_base.FusedRNN):
             kernel_initializer=kernel_initializer,
             recurrent_initializer=recurrent_initializer,
             bias_initializer=bias_initializer,
+            gate_bias_initializer=gate_bias_initializer,
             gamma_initializer=gamma_initializer,
             beta_initializer=beta_initializer,
+            initialization=initialization,
             kernel_regularizer=kernel_regularizer,
             recurrent_regularizer=recurrent_regularizer,
             bias_regularizer=bias_regularizer,
@@ -449,6 +509,8 @@ class AttnRNN(_base.FusedRNN):
     kernel_initializer = _base.cell_property("kernel_initializer")
     recurrent_initializer = _base.cell_property("recurrent_initializer")
     bias_initializer = _base.cell_property("bias_initializer")
+    gate_bias_initializer = _base.cell_property("gate_bias_initializer")
+    initialization = _base.cell_property("initialization")
     gamma_initializer = _base.cell_property("gamma_initializer")
     beta_initializer = _base.cell_property("beta_initializer")
     kernel_regularizer = _base.cell_property("kernel_regularizer")

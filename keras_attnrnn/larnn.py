@@ -31,6 +31,10 @@ _GROUPS = {
 }
 _PREFIXES = ("kernel", "recurrent", "attention", "bias", "gamma", "beta")
 _NORMS = ("key_norm", "value_norm", "attention_norm", "cell_norm", "hidden_norm")
+# The norms whose outputs enter the gates beside the input start small by
+# default (`gamma_initializer=None`); see docs/larnn.md, "Initialization".
+SMALL_GAMMA_NORMS = ("attention_norm", "hidden_norm")
+SMALL_GAMMA = 0.1
 
 
 def _group(name):
@@ -101,8 +105,14 @@ class LARNNCell(keras.layers.Layer, _base.DropoutMasks):
             `value_kernel`, `attention_output_kernel` and `attention_kernel`
             (the attention part of the gates). Default: `"glorot_uniform"`.
         bias_initializer: Initializer for the biases. Default: `"zeros"`.
-        gamma_initializer: Initializer for the LayerNorm scales. Default:
-            `"ones"`.
+        gamma_initializer: Initializer for the LayerNorm scales (all five
+            norms). Default (`None`): 0.1 for `hidden_norm` and
+            `attention_norm`, whose outputs enter the gates beside the input,
+            and ones for the key, value and cell norms. Layer-normed, h and
+            the attention read would otherwise start about 30 times larger
+            than typical inputs (Keras's `Embedding` gives ±0.05), which then
+            barely move the gates; see docs/larnn.md, "Initialization".
+            `"ones"` gives the plain LayerNorm initialization everywhere.
         beta_initializer: Initializer for the LayerNorm offsets. Default:
             `"zeros"`.
         kernel_regularizer, recurrent_regularizer, attention_regularizer,
@@ -155,7 +165,7 @@ class LARNNCell(keras.layers.Layer, _base.DropoutMasks):
         recurrent_initializer="orthogonal",
         attention_initializer="glorot_uniform",
         bias_initializer="zeros",
-        gamma_initializer="ones",
+        gamma_initializer=None,
         beta_initializer="zeros",
         kernel_regularizer=None,
         recurrent_regularizer=None,
@@ -227,6 +237,10 @@ class LARNNCell(keras.layers.Layer, _base.DropoutMasks):
 
     def _add(self, name, shape, initializer=None):
         group = _group(name)
+        if group == "gamma" and self.gamma_initializer is None:
+            initializer = initializers.Constant(
+                SMALL_GAMMA if name[: -len("_gamma")] in SMALL_GAMMA_NORMS else 1.0
+            )
         return self.add_weight(
             name=name,
             shape=shape,
@@ -479,7 +493,7 @@ class LARNN(_base.FusedRNN):
         recurrent_initializer="orthogonal",
         attention_initializer="glorot_uniform",
         bias_initializer="zeros",
-        gamma_initializer="ones",
+        gamma_initializer=None,
         beta_initializer="zeros",
         kernel_regularizer=None,
         recurrent_regularizer=None,

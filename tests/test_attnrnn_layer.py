@@ -77,21 +77,68 @@ def test_weight_names_and_identity_input():
     assert names(other) == sorted(base + ["input_bias", "input_kernel"])
 
 
-def test_default_initializers_are_pytorch_linear():
-    layer = keras_attnrnn.AttnRNN(64)
+def _initial_weights(**kwargs):
+    layer = keras_attnrnn.AttnRNN(64, **kwargs)
     layer.build((None, None, 32))
-    w = {v.path.split("/")[-1]: to_numpy(v) for v in layer.weights}
-    for name, fan_in in [("input_kernel", 32), ("input_bias", 32), ("query_kernel", 64),
-                         ("gate_kernel", 128), ("gate_bias", 128), ("output_bias", 64)]:
+    return {v.path.split("/")[-1]: to_numpy(v) for v in layer.weights}
+
+
+def _assert_pytorch_uniform(w, names_and_fan_ins):
+    for name, fan_in in names_and_fan_ins:
         bound = 1 / np.sqrt(fan_in)
-        assert np.abs(w[name]).max() <= bound
-        assert np.abs(w[name]).max() > 0.8 * bound  # uniform over the range
+        assert np.abs(w[name]).max() <= bound, name
+        assert np.abs(w[name]).max() > 0.8 * bound, name  # uniform over the range
+
+
+_SHARED = [("input_kernel", 32), ("input_bias", 32), ("query_kernel", 64),
+           ("query_bias", 64), ("output_kernel", 64), ("output_bias", 64),
+           ("gate_kernel", 128)]
+
+
+def test_reference_initialization_is_pytorch_linear():
+    w = _initial_weights(initialization="reference")
+    _assert_pytorch_uniform(w, _SHARED + [("gate_bias", 128)])
     np.testing.assert_array_equal(w["gamma"], 1)
     np.testing.assert_array_equal(w["beta"], 0)
     # Two cells with default initializers do not share their draws.
-    other = keras_attnrnn.AttnRNN(64)
-    other.build((None, None, 32))
-    assert not np.allclose(to_numpy(other.cell.query_kernel), w["query_kernel"])
+    other = _initial_weights(initialization="reference")
+    assert not np.allclose(other["query_kernel"], w["query_kernel"])
+
+
+def test_default_initialization_differs_from_reference_in_gate_bias_and_gamma():
+    w = _initial_weights()
+    _assert_pytorch_uniform(w, _SHARED)
+    np.testing.assert_array_equal(w["gate_bias"], np.float32(-2.0))
+    np.testing.assert_array_equal(w["gamma"], np.float32(0.1))
+    np.testing.assert_array_equal(w["beta"], 0)
+
+
+def test_explicit_initializers_override_the_initialization():
+    w = _initial_weights(initialization="reference", gamma_initializer="zeros",
+                         gate_bias_initializer=keras.initializers.Constant(1.5))
+    np.testing.assert_array_equal(w["gamma"], 0)
+    np.testing.assert_array_equal(w["gate_bias"], np.float32(1.5))
+    # bias_initializer leaves the gate bias to gate_bias_initializer.
+    w = _initial_weights(bias_initializer="ones")
+    np.testing.assert_array_equal(w["query_bias"], 1)
+    np.testing.assert_array_equal(w["gate_bias"], np.float32(-2.0))
+
+
+def test_initialization_round_trips_through_config():
+    layer = keras_attnrnn.AttnRNN(8, initialization="reference")
+    config = layer.get_config()
+    assert config["initialization"] == "reference"
+    again = keras_attnrnn.AttnRNN.from_config(config)
+    again.build((None, None, 8))
+    np.testing.assert_array_equal(to_numpy(again.cell.gamma), 1)
+    cell = keras_attnrnn.AttnRNNCell.from_config(keras_attnrnn.AttnRNNCell(8).get_config())
+    cell.build((None, 8))
+    np.testing.assert_array_equal(to_numpy(cell.gamma), np.float32(0.1))
+
+
+def test_unknown_initialization_is_a_value_error():
+    with pytest.raises(ValueError, match="initialization.*'pytorch'"):
+        keras_attnrnn.AttnRNNCell(8, initialization="pytorch")
 
 
 @pytest.mark.parametrize("go_backwards", [False, True], ids=["fwd", "backwards"])

@@ -251,13 +251,27 @@ def test_default_initializers(unit_forget_bias):
     np.testing.assert_array_equal(w["bias"][16:], 0.0)
     for name in ("query_bias", "key_bias", "attention_output_bias", "cell_norm_beta"):
         np.testing.assert_array_equal(w[name], 0.0)
-    np.testing.assert_array_equal(w["hidden_norm_gamma"], 1.0)
+    for name in ("hidden_norm", "attention_norm"):  # they feed the gates: small
+        np.testing.assert_array_equal(w[f"{name}_gamma"], np.float32(0.1))
+    for name in ("key_norm", "value_norm", "cell_norm"):
+        np.testing.assert_array_equal(w[f"{name}_gamma"], 1.0)
     # orthogonal recurrent kernel: (8, 32) with orthonormal rows
     u = w["recurrent_kernel"]
     np.testing.assert_allclose(u @ u.T, np.eye(8), atol=1e-5)
     # glorot_uniform: limit sqrt(6 / (fan_in + fan_out))
     limit = math.sqrt(6 / (13 + 8))
     assert limit * 0.8 < np.abs(w["query_kernel"]).max() <= limit
+
+
+def test_gamma_initializer_applies_to_every_norm_and_round_trips():
+    layer = keras_attnrnn.LARNN(8, window=3, gamma_initializer="ones")
+    layer.build((None, None, 5))
+    w = _weights_by_name(layer)
+    for name in ("key_norm", "value_norm", "attention_norm", "cell_norm", "hidden_norm"):
+        np.testing.assert_array_equal(w[f"{name}_gamma"], 1.0)
+    again = keras_attnrnn.LARNN.from_config(keras_attnrnn.LARNN(8, window=3).get_config())
+    again.build((None, None, 5))
+    np.testing.assert_array_equal(_weights_by_name(again)["hidden_norm_gamma"], np.float32(0.1))
 
 
 @pytest.mark.parametrize("go_backwards", [False, True], ids=["fwd", "backwards"])
