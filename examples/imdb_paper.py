@@ -27,6 +27,7 @@ import numpy as np
 
 from _experiment import EpochClock
 from _experiment import StepLoss
+from _experiment import TorchAdam
 from _experiment import history_lists
 from _experiment import record
 from _experiment import window_means
@@ -88,8 +89,9 @@ def keras_run(args, seed, data):
             ),
         ),
     ])
+    adam = TorchAdam if args.optimizer == "torch_adam" else keras.optimizers.Adam
     model.compile(
-        keras.optimizers.Adam(1e-3, epsilon=1e-8),
+        adam(1e-3, epsilon=1e-8),
         keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=["accuracy"],
     )
@@ -196,6 +198,8 @@ def main():
     parser.add_argument("--initialization", default="reference",
                         choices=["reference", "default"],
                         help="AttnRNN's initialization (reference: the public code's)")
+    parser.add_argument("--optimizer", default="adam", choices=["adam", "torch_adam"],
+                        help="Keras's Adam, or Adam with PyTorch's epsilon placement")
     parser.add_argument("--maxlen", type=int, default=200)
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--results", default="runs/imdb_paper.jsonl")
@@ -212,6 +216,8 @@ def main():
         print(f"{args.model} seed {seed}: test accuracy per epoch "
               + " ".join(f"{a:.4f}" for a in result["test_accuracy"]))
         extra = {"initialization": args.initialization} if args.model == "attnrnn" else {}
+        if args.model != "torch_reference":
+            extra["optimizer"] = args.optimizer
         record(args.results, experiment="imdb_paper", model=args.model, seed=seed, **extra,
                epochs=args.epochs, quick=args.quick, wall_seconds=time.perf_counter() - start,
                **result)

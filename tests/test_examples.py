@@ -13,9 +13,14 @@ from helpers import run_example
 
 
 def test_imdb_quick(tmp_path):
-    out = run_example("imdb.py", "--quick", "--output", str(tmp_path / "imdb.keras"))
+    # Batch 128 instead of the example's 32 keeps CI short (Keras's loop on
+    # torch); the AttnRNN cell with its default initialization still learns:
+    # 74% on jax with these settings, where the public code's initialization
+    # stayed near chance (docs/attnrnn.md, "Initialization").
+    out = run_example("imdb.py", "--quick", "--batch-size", "128",
+                      "--output", str(tmp_path / "imdb.keras"))
     accuracy = float(re.search(r"test accuracy: ([0-9.]+)", out).group(1))
-    assert 0.0 <= accuracy <= 1.0
+    assert 0.62 < accuracy <= 1.0, out[-2000:]
     assert "reloaded predictions match: True" in out
     assert os.path.exists(tmp_path / "imdb.keras")
 
@@ -92,3 +97,35 @@ def test_plot_results_draws_mean_and_spread_over_seeds(tmp_path):
            "best epoch mean 0.8500 at epoch 3" in out, out
     assert "gru: 1 seed(s), final test accuracy 0.7800" in out, out
     assert output.stat().st_size > 10_000
+
+
+def test_torch_adam_is_pytorch_adam():
+    """examples/_experiment.TorchAdam takes torch.optim.Adam's steps, also
+    where gradients are far below epsilon (where Keras's Adam differs)."""
+    torch = pytest.importorskip("torch")
+    import sys
+
+    import keras
+    import numpy as np
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
+    from _experiment import TorchAdam
+
+    rng = np.random.default_rng(0)
+    w0 = rng.normal(size=(7,)).astype("float32")
+    grads = [(rng.normal(size=7) * 10.0 ** rng.integers(-12, 0)).astype("float32")
+             for _ in range(40)]
+    ours, keras_adam = keras.Variable(w0.copy()), keras.Variable(w0.copy())
+    for optimizer, variable in ((TorchAdam(1e-3, epsilon=1e-8), ours),
+                                (keras.optimizers.Adam(1e-3, epsilon=1e-8), keras_adam)):
+        for g in grads:
+            optimizer.apply_gradients([(keras.ops.convert_to_tensor(g), variable)])
+    weight = torch.nn.Parameter(torch.tensor(w0.copy()))
+    reference = torch.optim.Adam([weight], lr=1e-3, eps=1e-8)
+    for g in grads:
+        weight.grad = torch.tensor(g)
+        reference.step()
+    expected = weight.detach().numpy()
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(ours), expected, atol=3e-7)
+    # Keras's own Adam is measurably off here, which is why TorchAdam exists.
+    assert np.abs(keras.ops.convert_to_numpy(keras_adam) - expected).max() > 3e-6

@@ -47,7 +47,7 @@ def layer_norm(v, gamma, beta, epsilon=LAYER_NORM_EPSILON):
     return ops.cast(v, dtype) * gamma + beta
 
 
-def attnrnn_step(
+def attnrnn_step_parts(
     h,
     x,
     query_kernel,
@@ -62,10 +62,12 @@ def attnrnn_step(
     recurrent_dropout_mask=None,
     epsilon=LAYER_NORM_EPSILON,
 ):
-    """One AttnRNN step from h (b, e) and the projected input x (b, e).
+    """One AttnRNN step, with what it computed on the way.
 
-    `recurrent_dropout_mask` (b, e), if given, scales h where it enters a
-    linear map (the query and the gate), as Keras cells do.
+    Returns `(h_new, p, z)`: the new state (b, e), the attention weights
+    (b, n, 4) over the tokens [h, x, h + x, h * x], and the gate (b, e).
+    `attnrnn_step` returns only h_new; `examples/training_dynamics.py`
+    reads p and z.
     """
     units = h.shape[-1]
     hd = h if recurrent_dropout_mask is None else h * recurrent_dropout_mask
@@ -85,7 +87,19 @@ def attnrnn_step(
         ops.matmul(ops.concatenate([hd, a], axis=-1), gate_kernel) + gate_bias
     )
     candidate = layer_norm(a + h, gamma, beta, epsilon)
-    return z * candidate + (1.0 - z) * h
+    return z * candidate + (1.0 - z) * h, p, z
+
+
+def attnrnn_step(h, x, *weights_and_heads, **kwargs):
+    """One AttnRNN step from h (b, e) and the projected input x (b, e).
+
+    Takes the arguments of `attnrnn_step_parts`: the eight step weights,
+    `num_heads`, then optionally `recurrent_dropout_mask` (b, e), which
+    scales h where it enters a linear map (the query and the gate), as
+    Keras cells do, and `epsilon`.
+    """
+    return attnrnn_step_parts(h, x, *weights_and_heads, **kwargs)[0]
+
 
 
 def project_inputs(inputs, input_kernel=None, input_bias=None):
