@@ -119,3 +119,28 @@ def load_records(path):
 
 def history_lists(history):
     return {k: [float(v) for v in vs] for k, vs in history.history.items()}
+
+
+def summarize(path, key="test_accuracy", by=("experiment", "backend", "model")):
+    """Prints the mean, the values and the seeds of `key` per group of runs."""
+    groups = {}
+    for run in load_records(path):
+        value = run[key][-1] if isinstance(run[key], list) else run[key]
+        groups.setdefault(tuple(run.get(k) for k in by), []).append((run.get("seed"), value))
+    print(" | ".join(by) + f" | mean {key} | values (seed)")
+    for group, runs in sorted(groups.items(), key=lambda kv: tuple(map(str, kv[0]))):
+        mean = sum(v for _, v in runs) / len(runs)
+        values = ", ".join(f"{v:.4f} ({seed})" for seed, v in runs)
+        print(" | ".join(map(str, group)) + f" | {mean:.4f} | {values}")
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Summarize a results file.")
+    parser.add_argument("command", choices=["summarize"])
+    parser.add_argument("path")
+    parser.add_argument("--key", default="test_accuracy")
+    parser.add_argument("--by", default="experiment,backend,model")
+    args = parser.parse_args()
+    summarize(args.path, args.key, tuple(args.by.split(",")))
