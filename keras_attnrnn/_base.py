@@ -219,9 +219,17 @@ class FusedRNN(keras.layers.RNN):
         if isinstance(mask, (list, tuple)):
             mask = mask[0]
         if not self.unroll:
+            initial_state = list(initial_state)
+            if self.stateful:
+                # `RNN.call` assigns the final states into the state
+                # variables in place after the loop; on torch an op that
+                # saved the variables' tensors for backward would then see
+                # them modified (keras-team/keras#23462). Keras copies them
+                # first in its own loop; so do we.
+                initial_state = [ops.copy(s) for s in initial_state]
             try:
                 outputs, states = self.fused_loop(
-                    sequences, list(initial_state), mask, training
+                    sequences, initial_state, mask, training
                 )
             except NotImplementedError:
                 pass
