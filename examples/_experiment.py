@@ -38,30 +38,29 @@ class EpochClock(keras.callbacks.Callback):
 
 
 class StepLoss(keras.callbacks.Callback):
-    """Records the training loss averaged over every `every` steps.
+    """Records the training loss of every step, all epochs in order.
 
     Keras reports the running mean of the loss over the epoch after each
     batch; the loss of batch i is recovered as i * mean_i - (i - 1) *
-    mean_(i-1). `self.losses` holds one mean per `every` steps, all epochs
-    in order.
+    mean_(i-1) (exact for equal batches; the epoch's last, smaller batch is
+    weighted by its size in Keras's mean, so its value is approximate).
+    `means(every)` gives the means of consecutive windows of steps.
     """
 
-    def __init__(self, every=20):
+    def __init__(self):
         super().__init__()
-        self.every = every
         self.losses = []
-        self._window = []
 
     def on_epoch_begin(self, epoch, logs=None):
         self._previous = 0.0
 
     def on_train_batch_end(self, batch, logs=None):
         mean = float(logs["loss"])
-        self._window.append((batch + 1) * mean - batch * self._previous)
+        self.losses.append((batch + 1) * mean - batch * self._previous)
         self._previous = mean
-        if len(self._window) == self.every:
-            self.losses.append(sum(self._window) / self.every)
-            self._window = []
+
+    def means(self, every=20):
+        return window_means(self.losses, every)
 
 
 def window_means(values, every=20):

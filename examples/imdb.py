@@ -3,12 +3,12 @@
 The model of the package's README, with Keras's defaults everywhere but the
 recurrent layer: `Embedding(mask_zero=True)` with its default initializer,
 the AttnRNN cell in `keras.layers.RNN` (or the fused `AttnRNN` layer with
-`--layer fused`), a sigmoid output, `"adam"`, batch size 32, the best epoch's weights kept (early stopping on
-the validation accuracy). Trains on the
-official 25k training reviews (20% held out for validation), reports the test
-accuracy, saves a `.keras` file and checks that it loads back with the same
-predictions. `--layer gru|lstm|larnn` swaps in another recurrent layer, to
-compare in the same script.
+`--layer fused`), a sigmoid output, `"adam"`, batch size 32, the best
+epoch's weights kept (early stopping on the validation accuracy). Trains on
+the official 25k training reviews (20% held out for validation), reports the
+test accuracy, saves a `.keras` file and checks that it loads back with the
+same predictions. `--layer gru|lstm|larnn` swaps in another recurrent layer,
+to compare in the same script.
 
     python examples/imdb.py --quick      # 8000 reviews, 100 tokens, 64 units
     python examples/imdb.py              # 20k words, 200 tokens, 128 units, 3 epochs
@@ -78,11 +78,12 @@ LAYERS = {
 }
 
 
-def build_model(args):
+def build_model(args, make_layer=None):
+    """The README's model, compiled; `make_layer(units)` defaults to `--layer`'s."""
     model = keras.Sequential([
         keras.Input((None,), dtype="int32"),
         keras.layers.Embedding(args.num_words, args.units, mask_zero=True),
-        LAYERS[args.layer](args.units),
+        (make_layer or LAYERS[args.layer])(args.units),
         keras.layers.Dense(1, activation="sigmoid"),
     ])
     model.compile("adam", "binary_crossentropy", metrics=["accuracy"])

@@ -34,6 +34,8 @@ from keras import ops  # noqa: E402
 
 import keras_attnrnn  # noqa: E402
 from keras_attnrnn.ops.attnrnn.reference import attnrnn_step_parts  # noqa: E402
+from imdb import build_model  # noqa: E402
+from imdb import load  # noqa: E402
 
 # The initializations compared: the package's defaults, and the ones the
 # layers had before (AttnRNN: the public code's; LARNN: LayerNorm gammas 1).
@@ -47,18 +49,6 @@ RUNS = {
         "gammas 1": lambda u: keras_attnrnn.LARNN(u, gamma_initializer="ones"),
     },
 }
-
-
-def load(args):
-    (x, y), (xt, yt) = keras_attnrnn.datasets.imdb.load_data(
-        num_words=20000, data_dir=args.data_dir
-    )
-    pad = lambda v: keras.utils.pad_sequences(  # noqa: E731
-        v, maxlen=args.maxlen, padding="post", truncating="post"
-    )
-    x, y = pad(x[: args.train_size]), y[: args.train_size].astype("float32")
-    xt, yt = pad(xt[:1000]), yt[:1000]
-    return x, y, xt, yt
 
 
 def group_of(path):
@@ -128,16 +118,11 @@ def probe_larnn(model, ids):
 def train(args, model_name, init_name, data):
     import jax
 
-    x, y, xt, yt = data
+    (x, y), (xt, yt) = data
+    y = y.astype("float32")
     keras.utils.set_random_seed(args.seed)
-    model = keras.Sequential([
-        keras.Input((None,), dtype="int32"),
-        keras.layers.Embedding(20000, args.units, mask_zero=True),
-        RUNS[model_name][init_name](args.units),
-        keras.layers.Dense(1, activation="sigmoid"),
-    ])
-    optimizer = keras.optimizers.Adam(1e-3)
-    model.compile(optimizer, "binary_crossentropy", metrics=["accuracy"])
+    model = build_model(args, RUNS[model_name][init_name])
+    optimizer = model.optimizer  # "adam": Adam(1e-3), as the README's
     loss_fn = keras.losses.BinaryCrossentropy()
     optimizer.build(model.trainable_variables)
     groups = [group_of(v.path) for v in model.trainable_variables]
@@ -167,7 +152,8 @@ def train(args, model_name, init_name, data):
                 v.assign(value)
             row = {"step": i, "loss": float(np.mean(losses)) if losses else None}
             row.update(probe_fn(model, probe))
-            if i:
+            if i:  # the last step's gradients, per weight group
+                norms = [float(np.sqrt(np.sum(np.square(np.asarray(g))))) for g in grads]
                 row["grad_norm"] = {
                     g: float(np.sqrt(sum(n**2 for n, gg in zip(norms, groups) if gg == g)))
                     for g in dict.fromkeys(groups)
@@ -183,7 +169,6 @@ def train(args, model_name, init_name, data):
         loss, grads, trainable, non_trainable, opt_vars = step(
             trainable, non_trainable, opt_vars, x[batch], y[batch]
         )
-        norms = [float(np.sqrt(np.sum(np.square(np.asarray(g))))) for g in grads]
         losses.append(float(loss))
     for v, value in zip(model.trainable_variables, trainable):
         v.assign(value)
@@ -258,6 +243,8 @@ def main():
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--plot", default=None, help="default docs/img/training_dynamics_<model>.png")
     parser.add_argument("--results", default="runs/training_dynamics.jsonl")
+    # imdb.py's quick subset and model: 20k words, the first 1000 test reviews.
+    parser.set_defaults(num_words=20000, quick=True)
     args = parser.parse_args()
     if keras.config.backend() != "jax":
         raise SystemExit("training_dynamics.py takes gradients with jax: run it with KERAS_BACKEND=jax")

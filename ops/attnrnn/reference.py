@@ -101,7 +101,6 @@ def attnrnn_step(h, x, *weights_and_heads, **kwargs):
     return attnrnn_step_parts(h, x, *weights_and_heads, **kwargs)[0]
 
 
-
 def project_inputs(inputs, input_kernel=None, input_bias=None):
     """(b, t, d) -> (b, t, e): the input projection, one matmul for all steps."""
     if input_kernel is None:
