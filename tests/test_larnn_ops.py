@@ -63,12 +63,16 @@ def random_weights(rng, shapes):
 
 
 def random_state(rng, batch, units, window):
-    """A state with real cells and some empty slots."""
+    """A state with real cells and some empty slots; every row has at least
+    one real slot, so that even a one-step case attends over several cells
+    (with only the new cell, the query and key gradients are exactly 0)."""
+    valid = rng.random((batch, window)) > 0.5
+    valid[np.arange(batch), rng.integers(window, size=batch)] = True
     return [
         rng.normal(size=(batch, units)).astype("float32"),
         rng.normal(size=(batch, units)).astype("float32"),
         rng.normal(size=(batch, window * units)).astype("float32"),
-        (rng.random((batch, window)) > 0.5).astype("float32"),
+        valid.astype("float32"),
     ]
 
 
@@ -228,10 +232,12 @@ def test_matches_reference(implementation, case, rng):
 
     # key_norm_beta adds the same <q, beta> to every slot's score of a head,
     # which the softmax ignores: its true gradient is 0, so both sides are
-    # rounding noise; check that against the scale of key_norm_gamma's.
+    # rounding noise; check that against the scale of the largest weight
+    # gradient (key_norm_gamma's own can be noise too, and differs between
+    # CPUs' instruction sets).
     if act:
         i = arg_names.index("key_norm_beta")
-        scale = np.abs(ref_grads[i - 1]).max()
+        scale = max(np.abs(g).max() for g in ref_grads[len(STATE_NAMES) + 1:])
         for g in (grads[i], ref_grads[i]):
             assert np.abs(g).max() <= 1e-5 * scale
         del arg_names[i], grads[i], ref_grads[i]
