@@ -250,18 +250,3 @@ def test_op_rejects_bad_arguments(kwargs, match):
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
         keras_attnrnn.ops.attnrnn(**args)
-
-
-if BACKEND == "tensorflow":
-
-    def test_tensorflow_custom_op_declines_inside_xla_and_the_xla_loop_serves():
-        layer = keras_attnrnn.AttnRNN(8, num_heads=2)
-        model = keras.Sequential([keras.Input((5, 3)), layer, keras.layers.Dense(1)])
-        x, y = np.random.rand(4, 5, 3).astype("float32"), np.ones((4, 1), "float32")
-        model.compile("adam", "mse", jit_compile=False)
-        model.train_on_batch(x, y)
-        assert keras_attnrnn.ops.selected("attnrnn") == "tensorflow_cpp"
-        jitted = keras.Sequential([keras.Input((5, 3)), layer, keras.layers.Dense(1)])
-        jitted.compile("adam", "mse", jit_compile=True)
-        jitted.train_on_batch(x, y)
-        assert keras_attnrnn.ops.selected("attnrnn") == "tensorflow_loop"

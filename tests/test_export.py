@@ -40,11 +40,8 @@ LAYERS = {
     "cell_in_rnn": lambda: keras.layers.RNN(
         keras_attnrnn.AttnRNNCell(8, num_heads=2), return_sequences=True
     ),
-    # The fused layer with TensorFlow's own ops only (XLA while loops):
-    # a portable SavedModel.
-    "attnrnn_tensorflow_loop": lambda: keras_attnrnn.AttnRNN(
-        8, num_heads=2, return_sequences=True, implementation="tensorflow_loop"
-    ),
+    # The fused layer: TensorFlow's own ops only (XLA while loops).
+    "attnrnn": lambda: keras_attnrnn.AttnRNN(8, num_heads=2, return_sequences=True),
     "larnn": lambda: keras_attnrnn.LARNN(
         8, window=3, num_heads=2, return_sequences=True
     ),
@@ -136,21 +133,6 @@ def test_saved_model_reloads_in_a_new_process(kind, exported):
     expected, got = exported
     for key in (kind, kind + "/short"):
         assert_close(got[key], expected[key], 1e-5, f"{key} SavedModel")
-
-
-def test_saved_model_of_the_default_fused_attnrnn(tmp_path):
-    """On CPU the default AttnRNN runs a C++ custom op built for this
-    machine: its SavedModel reloads where that op is loaded (here, this
-    process), and gives Keras's outputs."""
-    import tensorflow as tf
-
-    model = _model(keras_attnrnn.AttnRNN(8, num_heads=2, return_sequences=True))
-    x = np.random.default_rng(2).normal(size=(3, 6, D)).astype("float32")
-    expected = to_numpy(model(x))
-    path = str(tmp_path / "saved")
-    model.export(path, format="tf_saved_model", verbose=False)
-    loaded = tf.saved_model.load(path)
-    assert_close(loaded.serve(tf.constant(x)).numpy(), expected, 1e-5, "SavedModel")
 
 
 def test_streaming_aaren_saved_model(exported):

@@ -6,7 +6,6 @@ Implementations (all with the signature of `reference.attnrnn`):
 |---|---|---|---|
 | `reference` | any | any | `keras.ops.scan` over `attnrnn_step` |
 | `jax_scan` | jax | any | `lax.scan` with a hand-written VJP (`jax.py`) |
-| `tensorflow_cpp` | tensorflow | cpu | C++ custom ops built on first use (`tensorflow_cpp.py`) |
 | `tensorflow_loop` | tensorflow | any | XLA while loops, custom gradient (`tensorflow.py`) |
 | `torch_cpp` | torch | cpu | C++ step loops built on first use (`torch_cpp.py`) |
 | `torch_cpu` | torch | cpu | the same in Python, when C++ cannot be built (`torch.py`) |
@@ -240,20 +239,17 @@ def _lazy(module, backend, name):
     return call
 
 
-for _name, _backend, _module in (
-    ("torch_cpp", "torch", "keras_attnrnn.ops.attnrnn.torch_cpp"),
-    ("tensorflow_cpp", "tensorflow", "keras_attnrnn.ops.attnrnn.tensorflow_cpp"),
-):
-    REGISTRY.register(
-        Implementation(
-            op=OP,
-            name=_name,
-            module=_module,
-            function="attnrnn",
-            backends=(_backend,),
-            devices=("cpu",),
-            priority=20,
-            available=_lazy(_module, _backend, "available"),
-            supports=_lazy(_module, _backend, "supports"),
-        )
+_TORCH_CPP = "keras_attnrnn.ops.attnrnn.torch_cpp"
+REGISTRY.register(
+    Implementation(
+        op=OP,
+        name="torch_cpp",
+        module=_TORCH_CPP,
+        function="attnrnn",
+        backends=("torch",),
+        devices=("cpu",),
+        priority=20,
+        available=_lazy(_TORCH_CPP, "torch", "available"),
+        supports=_lazy(_TORCH_CPP, "torch", "supports"),
     )
+)
