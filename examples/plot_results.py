@@ -1,8 +1,9 @@
 """Learning curves of the recorded IMDB runs: test accuracy per epoch.
 
 Reads the JSON lines that `imdb_paper.py` appends (one per model and seed)
-and draws, per model, the mean over its seeds with the min-max band, next to
-the final accuracies the AttnRNN paper reports.
+and draws, per model (and initialization and optimizer, where recorded), the
+mean over its seeds with the min-max band, next to the final accuracies the
+AttnRNN paper reports; beside it, each run's training loss per 20 steps.
 
     python examples/plot_results.py                       # runs/imdb_paper.jsonl
     python examples/plot_results.py --results runs/imdb_paper.jsonl --output docs/img/imdb_paper.png
@@ -21,32 +22,50 @@ from _experiment import load_records
 PAPER = {"attnrnn": 0.8016, "gru": 0.7840, "lstm": 0.7744}
 
 
-def curves(records):
-    """{model: array (seeds, epochs)} of full (not --quick) runs."""
-    by_model = collections.defaultdict(list)
+def label(record):
+    """The model, with its initialization and optimizer where recorded."""
+    extra = [f"{record['initialization']} init"] if record.get("initialization") else []
+    if record.get("optimizer", "adam") != "adam":
+        extra.append(record["optimizer"])
+    return record["model"] + (f" ({', '.join(extra)})" if extra else "")
+
+
+def runs_by_label(records):
+    """{label: [record, ...]} of full (not --quick) runs."""
+    result = collections.defaultdict(list)
     for r in records:
         if r.get("experiment") == "imdb_paper" and not r.get("quick"):
-            by_model[r["model"]].append(r["test_accuracy"])
+            result[label(r)].append(r)
+    return dict(result)
+
+
+def curves(records):
+    """{label: array (seeds, epochs)} of full (not --quick) runs."""
     result = {}
-    for model, runs in by_model.items():
-        epochs = min(len(run) for run in runs)
-        result[model] = np.array([run[:epochs] for run in runs])
+    for name, runs in runs_by_label(records).items():
+        epochs = min(len(r["test_accuracy"]) for r in runs)
+        result[name] = np.array([r["test_accuracy"][:epochs] for r in runs])
     return result
 
 
-def plot(by_model, output):
+def plot(by_model, output, records=()):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axis = plt.subplots(figsize=(6, 4))
+    runs = runs_by_label(records)
+    with_loss = any("step_loss_20" in r for rs in runs.values() for r in rs)
+    fig, axes = plt.subplots(1, 2 if with_loss else 1, figsize=(11 if with_loss else 6, 4))
+    axis = axes[0] if with_loss else axes
+    colors = {}
     for model, acc in sorted(by_model.items()):
         epochs = np.arange(1, acc.shape[1] + 1)
         line = axis.plot(epochs, acc.mean(0), "-o", ms=3,
                          label=f"{model} (mean of {len(acc)} seed{'s' * (len(acc) > 1)})")[0]
         axis.fill_between(epochs, acc.min(0), acc.max(0), color=line.get_color(), alpha=0.2)
-        if model in PAPER:
+        colors[model] = line.get_color()
+        if model in PAPER and acc.shape[1] >= 10:
             axis.plot([10], [PAPER[model]], "*", ms=10, color=line.get_color(),
                       label=f"{model}, the paper's figure")
     axis.set_xlabel("epoch")
@@ -54,6 +73,17 @@ def plot(by_model, output):
     axis.set_title("IMDB, AttnRNN paper protocol", fontsize=9)
     axis.grid(True, alpha=0.3)
     axis.legend(fontsize=7)
+    if with_loss:
+        for name, rs in sorted(runs.items()):
+            for r in rs:
+                if "step_loss_20" in r:
+                    loss = r["step_loss_20"]
+                    axes[1].plot(20 * np.arange(1, len(loss) + 1), loss, lw=0.8,
+                                 color=colors.get(name), alpha=0.8)
+        axes[1].set_xlabel("training step (one line per seed, colors as left)")
+        axes[1].set_ylabel("training loss, mean of 20 steps")
+        axes[1].set_ylim(0, 0.8)
+        axes[1].grid(True, alpha=0.3)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     fig.savefig(output, dpi=120)
@@ -65,14 +95,15 @@ def main(argv=None):
     parser.add_argument("--results", default="runs/imdb_paper.jsonl")
     parser.add_argument("--output", default="runs/imdb_paper.png")
     args = parser.parse_args(argv)
-    by_model = curves(load_records(args.results))
+    records = load_records(args.results)
+    by_model = curves(records)
     if not by_model:
         parser.error(f"no full imdb_paper runs in {args.results}")
     for model, acc in sorted(by_model.items()):
         final = ", ".join(f"{a:.4f}" for a in acc[:, -1])
         print(f"{model}: {len(acc)} seed(s), final test accuracy {final}; "
               f"best epoch mean {acc.mean(0).max():.4f} at epoch {acc.mean(0).argmax() + 1}")
-    plot(by_model, args.output)
+    plot(by_model, args.output, records)
 
 
 if __name__ == "__main__":
