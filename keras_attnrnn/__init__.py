@@ -5,26 +5,19 @@ implementation from `keras_attnrnn.ops`, chosen per backend and device.
 """
 
 import importlib.util
-import os
-import sys
 
 if importlib.util.find_spec("keras_attnrnn.ops") is None:
-    # A source checkout on sys.path (e.g. `python` started in the repository
-    # root): `ops/` lies beside this package and is only installed as
-    # `keras_attnrnn.ops` by pip (pyproject.toml's package-dir). Load it from
-    # there under that name.
-    _ops_dir = os.path.join(os.path.dirname(os.path.dirname(__file__)), "ops")
-    _spec = importlib.util.spec_from_file_location(
-        "keras_attnrnn.ops",
-        os.path.join(_ops_dir, "__init__.py"),
-        submodule_search_locations=[_ops_dir],
+    # `ops/` lies beside this package in a source checkout and becomes
+    # `keras_attnrnn.ops` only when installed (pyproject.toml's package-dir).
+    raise ImportError(
+        "keras_attnrnn.ops was not found: this keras_attnrnn is a source "
+        "checkout that is not installed. Install it with `pip install -e .` "
+        "in the repository root."
     )
-    sys.modules["keras_attnrnn.ops"] = importlib.util.module_from_spec(_spec)
-    _spec.loader.exec_module(sys.modules["keras_attnrnn.ops"])
 
-from keras_attnrnn import datasets  # noqa: E402
-from keras_attnrnn import ops  # noqa: E402
-from keras_attnrnn.aaren import Aaren  # noqa: E402
+from keras_attnrnn import datasets
+from keras_attnrnn import ops
+from keras_attnrnn.aaren import Aaren
 from keras_attnrnn.aaren import AarenBlock
 from keras_attnrnn.aaren import AarenCell
 from keras_attnrnn.attnrnn import AttnRNN
