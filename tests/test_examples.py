@@ -129,3 +129,15 @@ def test_torch_adam_is_pytorch_adam():
     np.testing.assert_allclose(keras.ops.convert_to_numpy(ours), expected, atol=3e-7)
     # Keras's own Adam is measurably off here, which is why TorchAdam exists.
     assert np.abs(keras.ops.convert_to_numpy(keras_adam) - expected).max() > 3e-6
+
+
+def test_export_matrix_probes_the_backend_native_format(tmp_path):
+    """export_matrix.py exports Aaren in the format its backend needs no extra
+    runtime for, runs the artifact and reports it as working."""
+    fmt = "torch" if BACKEND == "torch" else "tf_saved_model"
+    results = tmp_path / "export.jsonl"
+    out = run_example("export_matrix.py", "--layers", "Aaren", "--formats", fmt,
+                      "--results", str(results))
+    assert re.search(rf"\| Aaren \| {fmt} \| {BACKEND} \| yes \| relative error", out), out
+    (row,) = read_jsonl(results)
+    assert row["works"] and row["format"] == fmt and row["backend"] == BACKEND
