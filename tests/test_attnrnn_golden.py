@@ -1,6 +1,6 @@
 """AttnRNN against the public PyTorch code, through the golden files.
 
-tests/golden (a copy of the project's ../shared/golden) holds outputs and gradients of the public AttnRNN code
+../shared/golden holds outputs and gradients of the public AttnRNN code
 (float64, random weights) in our weight names. The cell in `keras.layers.RNN`
 and the fused `AttnRNN` layer (every implementation) must reproduce them.
 """
@@ -15,11 +15,11 @@ import pytest
 import keras_attnrnn
 from helpers import BACKEND
 from helpers import FLOAT64_BACKENDS
+from helpers import SHARED
 from helpers import assert_close
 from helpers import layer_value_and_grads
 
-GOLDEN_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "golden")
-GOLDEN = sorted(glob.glob(os.path.join(GOLDEN_DIR, "attnrnn_*.npz")))
+GOLDEN = sorted(glob.glob(os.path.join(SHARED, "golden", "attnrnn_*.npz")))
 WEIGHTS = (
     "input_kernel",
     "input_bias",
@@ -38,7 +38,7 @@ DTYPES = ["float32"] + (["float64"] if BACKEND in FLOAT64_BACKENDS else [])
 
 
 def test_golden_files_are_present():
-    assert len(GOLDEN) >= 2, f"no golden files in {GOLDEN_DIR}"
+    assert len(GOLDEN) >= 2, f"no golden files in {SHARED}/golden"
 
 
 def _layers(case):
