@@ -22,6 +22,7 @@ import traceback
 
 import keras
 import numpy as np
+from _experiment import record
 
 import keras_attnrnn
 
@@ -126,8 +127,6 @@ def main(argv=None):
                 if args.traceback and trace:
                     print(trace)
                 if args.results:
-                    from _experiment import record
-
                     record(args.results, experiment="export_matrix", layer=name, format=fmt,
                            works=works, detail=detail)
 

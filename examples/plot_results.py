@@ -39,22 +39,21 @@ def runs_by_label(records):
     return dict(result)
 
 
-def curves(records):
-    """{label: array (seeds, epochs)} of full (not --quick) runs."""
+def curves(runs):
+    """{label: array (seeds, epochs)} of `runs_by_label`'s runs."""
     result = {}
-    for name, runs in runs_by_label(records).items():
+    for name, runs in runs.items():
         epochs = min(len(r["test_accuracy"]) for r in runs)
         result[name] = np.array([r["test_accuracy"][:epochs] for r in runs])
     return result
 
 
-def plot(by_model, output, records=()):
+def plot(by_model, output, runs):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = runs_by_label(records)
     with_loss = any("step_loss_20" in r for rs in runs.values() for r in rs)
     fig, axes = plt.subplots(1, 2 if with_loss else 1, figsize=(11 if with_loss else 6, 4))
     axis = axes[0] if with_loss else axes
@@ -65,8 +64,9 @@ def plot(by_model, output, records=()):
                          label=f"{model} (mean of {len(acc)} seed{'s' * (len(acc) > 1)})")[0]
         axis.fill_between(epochs, acc.min(0), acc.max(0), color=line.get_color(), alpha=0.2)
         colors[model] = line.get_color()
-        if model in PAPER and acc.shape[1] >= 10:
-            axis.plot([10], [PAPER[model]], "*", ms=10, color=line.get_color(),
+        paper = PAPER.get(runs[model][0]["model"])
+        if paper is not None and acc.shape[1] >= 10:
+            axis.plot([10], [paper], "*", ms=10, color=line.get_color(),
                       label=f"{model}, the paper's figure")
     axis.set_xlabel("epoch")
     axis.set_ylabel("test accuracy")
@@ -95,15 +95,15 @@ def main(argv=None):
     parser.add_argument("--results", default="runs/imdb_paper.jsonl")
     parser.add_argument("--output", default="runs/imdb_paper.png")
     args = parser.parse_args(argv)
-    records = load_records(args.results)
-    by_model = curves(records)
+    runs = runs_by_label(load_records(args.results))
+    by_model = curves(runs)
     if not by_model:
         parser.error(f"no full imdb_paper runs in {args.results}")
     for model, acc in sorted(by_model.items()):
         final = ", ".join(f"{a:.4f}" for a in acc[:, -1])
         print(f"{model}: {len(acc)} seed(s), final test accuracy {final}; "
               f"best epoch mean {acc.mean(0).max():.4f} at epoch {acc.mean(0).argmax() + 1}")
-    plot(by_model, args.output, records)
+    plot(by_model, args.output, runs)
 
 
 if __name__ == "__main__":
