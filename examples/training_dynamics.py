@@ -33,7 +33,7 @@ import numpy as np  # noqa: E402
 from keras import ops  # noqa: E402
 
 import keras_attnrnn  # noqa: E402
-from keras_attnrnn.ops.attnrnn.reference import attnrnn_step_parts  # noqa: E402
+from keras_attnrnn.ops import attnrnn_step_parts  # noqa: E402
 from imdb import build_model  # noqa: E402
 from imdb import load  # noqa: E402
 
@@ -79,7 +79,7 @@ def probe_attnrnn(model, ids):
     states, gates, entropies = [], [], []
     for t in range(ids.shape[1]):
         h_new, p, z = attnrnn_step_parts(
-            h, x[:, t], *cell.step_weights(), cell.num_heads
+            h, x[:, t], *cell.step_weights(), num_heads=cell.num_heads
         )
         keep = mask[:, t]
         p, z = ops.convert_to_numpy(p)[keep], ops.convert_to_numpy(z)[keep]

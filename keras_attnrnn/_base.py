@@ -215,6 +215,14 @@ class FusedRNN(keras.layers.RNN):
     def fused_loop(self, sequences, initial_state, mask, training):
         raise NotImplementedError
 
+    def input_dropout(self, sequences, training):
+        """`sequences` times the cell's input dropout mask (one per call, the
+        same for every step, as the cell draws it), when training."""
+        if training and self.cell.dropout > 0:
+            keep = self.cell.get_dropout_mask(sequences[:, 0, :])
+            sequences = sequences * ops.expand_dims(keep, 1)
+        return sequences
+
     def inner_loop(self, sequences, initial_state, mask, training=False):
         if isinstance(mask, (list, tuple)):
             mask = mask[0]

@@ -391,9 +391,7 @@ class Aaren(_base.FusedRNN):
                 f"{self.name}: it was built for {cell.input_dim} features, "
                 f"got shape {tuple(sequences.shape)}."
             )
-        if training and cell.dropout > 0:
-            keep = cell.get_dropout_mask(sequences[:, 0, :])
-            sequences = sequences * ops.expand_dims(keep, 1)
+        sequences = self.input_dropout(sequences, training)
         y0, w0, m0, u0 = initial_state
         batch, time = ops.shape(sequences)[0], ops.shape(sequences)[1]
         heads, head_dim = cell.num_heads, cell.head_dim

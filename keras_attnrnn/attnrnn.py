@@ -14,7 +14,7 @@ from keras import regularizers
 
 from keras_attnrnn import _base
 from keras_attnrnn.ops import attnrnn as attnrnn_op
-from keras_attnrnn.ops.attnrnn.reference import attnrnn_step
+from keras_attnrnn.ops import attnrnn_step
 
 # Weight groups: the Keras argument prefix of each weight.
 _GROUPS = {
@@ -276,7 +276,11 @@ class AttnRNNCell(keras.layers.Layer, _base.DropoutMasks):
         if self.input_kernel is not None:
             x = ops.matmul(x, self.input_kernel) + self.input_bias
         h = attnrnn_step(
-            h, x, *self.step_weights(), self.num_heads, recurrent_mask
+            h,
+            x,
+            *self.step_weights(),
+            num_heads=self.num_heads,
+            recurrent_dropout_mask=recurrent_mask,
         )
         return h, [h] if isinstance(states, (list, tuple)) else h
 
@@ -474,9 +478,7 @@ class AttnRNN(_base.FusedRNN):
 
     def fused_loop(self, sequences, initial_state, mask, training):
         cell = self.cell
-        if training and cell.dropout > 0:
-            keep = cell.get_dropout_mask(sequences[:, 0, :])
-            sequences = sequences * ops.expand_dims(keep, 1)
+        sequences = self.input_dropout(sequences, training)
         recurrent_mask = None
         if training and cell.recurrent_dropout > 0:
             recurrent_mask = cell.get_recurrent_dropout_mask(initial_state[0])

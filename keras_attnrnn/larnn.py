@@ -14,10 +14,9 @@ from keras import regularizers
 
 from keras_attnrnn import _base
 from keras_attnrnn.ops import larnn as larnn_op
-from keras_attnrnn.ops.larnn.reference import WEIGHT_NAMES
-from keras_attnrnn.ops.larnn.reference import larnn_step
-from keras_attnrnn.ops.larnn.reference import positional_features
-from keras_attnrnn.ops.larnn.reference import positional_size
+from keras_attnrnn.ops import LARNN_WEIGHT_NAMES as WEIGHT_NAMES
+from keras_attnrnn.ops import larnn_positional_size as positional_size
+from keras_attnrnn.ops import larnn_step
 
 # Weight groups: the Keras argument prefix of each weight.
 _GROUPS = {
@@ -229,11 +228,6 @@ class LARNNCell(keras.layers.Layer, _base.DropoutMasks):
             self.window,
         ]
         self.output_size = self.units
-        self._positions = (
-            positional_features(self.window)
-            if self.use_positional_encoding
-            else None
-        )
 
     def _add(self, name, shape, initializer=None):
         group = _group(name)
@@ -354,10 +348,8 @@ class LARNNCell(keras.layers.Layer, _base.DropoutMasks):
             valid,
             self.step_weights(),
             self.num_heads,
-            self._positions,
-            self.activation_on_keys_and_values,
-            recurrent_mask,
-            attention_mask,
+            recurrent_dropout_mask=recurrent_mask,
+            attention_dropout_mask=attention_mask,
         )
         return new_states[0], list(new_states)
 
@@ -566,9 +558,7 @@ class LARNN(_base.FusedRNN):
 
     def fused_loop(self, sequences, initial_state, mask, training):
         cell = self.cell
-        if training and cell.dropout > 0:
-            keep = cell.get_dropout_mask(sequences[:, 0, :])
-            sequences = sequences * ops.expand_dims(keep, 1)
+        sequences = self.input_dropout(sequences, training)
         recurrent_mask, attention_mask = cell.dropout_masks(
             initial_state[0], training
         )

@@ -12,7 +12,13 @@ implementation ran last:
 
 from keras_attnrnn.ops.aaren_scan import aaren_scan
 from keras_attnrnn.ops.attnrnn import attnrnn
+from keras_attnrnn.ops.attnrnn.steps import attnrnn_step
+from keras_attnrnn.ops.attnrnn.steps import attnrnn_step_parts
 from keras_attnrnn.ops.larnn import larnn
+from keras_attnrnn.ops.larnn.steps import WEIGHT_NAMES as LARNN_WEIGHT_NAMES
+from keras_attnrnn.ops.larnn.steps import larnn_step
+from keras_attnrnn.ops.larnn.steps import positional_features as larnn_positional_features
+from keras_attnrnn.ops.larnn.steps import positional_size as larnn_positional_size
 from keras_attnrnn.ops.registry import ENV_VAR
 from keras_attnrnn.ops.registry import REGISTRY
 from keras_attnrnn.ops.registry import Implementation
@@ -34,7 +40,13 @@ __all__ = [
     "Implementation",
     "aaren_scan",
     "attnrnn",
+    "attnrnn_step",
+    "attnrnn_step_parts",
     "implementations",
+    "LARNN_WEIGHT_NAMES",
     "larnn",
+    "larnn_positional_features",
+    "larnn_positional_size",
+    "larnn_step",
     "selected",
 ]

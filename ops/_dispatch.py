@@ -42,3 +42,47 @@ def dtype_name(tensor):
 def as_tensors(*values):
     """Backend tensors for Keras variables and arrays (None stays None)."""
     return [None if v is None else keras.ops.convert_to_tensor(v) for v in values]
+
+
+def compute_cast(tensor):
+    """`(dtype, cast)`: `tensor`'s dtype, and a cast to the dtype the loops
+    compute in (float32 for 16-bit inputs; None stays None)."""
+    dtype = dtype_name(tensor)
+    compute = "float32" if dtype in ("float16", "bfloat16") else dtype
+
+    def cast(v):
+        return None if v is None else keras.ops.cast(v, compute)
+
+    return dtype, cast
+
+
+def time_major_mask(mask):
+    """(b, t) -> (t, b, 1) booleans, as the loops take it; None stays None."""
+    if mask is None:
+        return None
+    return keras.ops.expand_dims(
+        keras.ops.transpose(keras.ops.cast(mask, "bool")), -1
+    )
+
+
+def invalid(name, expected, got):
+    """The Keras-style error for argument `name`."""
+    return ValueError(
+        f"Received an invalid value for argument `{name}`, expected "
+        f"{expected}, got {got}."
+    )
+
+
+def check_mask(mask, inputs):
+    """Raises unless `mask` is None or (batch, timesteps) like `inputs`."""
+    if mask is not None and (
+        len(mask.shape) != 2
+        or any(
+            m is not None and i is not None and m != i
+            for m, i in zip(mask.shape, inputs.shape[:2])
+        )
+    ):
+        raise invalid(
+            "mask", f"shape (batch, timesteps) = {tuple(inputs.shape[:2])}",
+            f"shape {tuple(mask.shape)}",
+        )

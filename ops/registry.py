@@ -268,3 +268,25 @@ class Registry:
 
 
 REGISTRY = Registry()
+
+
+def register_drivers(op, module, supports=float_dtype):
+    """Registers the portable `reference` and the fused `jax_scan` and
+    `tensorflow_loop` of `op`: the loop drivers (`ops/loops/`) bound to the
+    steps module `module`, which names them so."""
+    REGISTRY.register(
+        Implementation(op, "reference", module, "reference", fused=False)
+    )
+    for name, backend in (("jax_scan", "jax"), ("tensorflow_loop", "tensorflow")):
+        REGISTRY.register(
+            Implementation(
+                op,
+                name,
+                module,
+                name,
+                backends=(backend,),
+                priority=10,
+                available=importable(backend),
+                supports=supports,
+            )
+        )

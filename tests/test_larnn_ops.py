@@ -2,6 +2,7 @@
 outputs, final states and the gradients of every input, weight and initial
 state, on odd sizes, masks, reverse and dropout masks; the registry's choice."""
 
+import functools
 import importlib
 import logging
 
@@ -14,8 +15,9 @@ from helpers import BACKEND
 from helpers import assert_close
 from helpers import rel_error
 from keras_attnrnn.ops import REGISTRY
-from keras_attnrnn.ops.larnn import reference
+from keras_attnrnn.ops.larnn import steps
 
+REFERENCE = functools.partial(keras_attnrnn.ops.larnn, implementation="reference")
 IMPLEMENTATIONS = [
     name
     for name in keras_attnrnn.ops.implementations("larnn", BACKEND, "cpu")
@@ -30,7 +32,7 @@ def test_backend_has_a_fused_implementation():
 
 def weight_shapes(input_dim, units, window, positional=True, activation=True):
     """The SPEC §3.2 weights of a cell, by name."""
-    memory = units + (reference.positional_size(window) if positional else 0)
+    memory = units + (keras_attnrnn.ops.larnn_positional_size(window) if positional else 0)
     shapes = {
         "query_kernel": (input_dim + units, units),
         "query_bias": (units,),
@@ -215,11 +217,9 @@ def test_matches_reference(implementation, case, rng):
     ]
     args = [x, *state, *[weights[n] for n in names]]
     arg_names = ["inputs", *STATE_NAMES, *names]
-    fused = next(
-        i for i in REGISTRY.implementations("larnn") if i.name == implementation
-    ).load()
+    fused = functools.partial(keras_attnrnn.ops.larnn, implementation=implementation)
     run_reference = gradient_function(
-        _loss(reference.larnn, names, heads, cotangents, mask, rev, dropout)
+        _loss(REFERENCE, names, heads, cotangents, mask, rev, dropout)
     )
     run_fused = gradient_function(
         _loss(fused, names, heads, cotangents, mask, rev, dropout)
@@ -321,9 +321,9 @@ def test_spy_the_reported_implementation_ran(mode, monkeypatch):
 
 def test_reference_mode_runs_the_reference(monkeypatch):
     calls = []
-    original = reference.larnn
+    original = steps.reference
     monkeypatch.setattr(
-        reference, "larnn", lambda *a, **k: calls.append(1) or original(*a, **k)
+        steps, "reference", lambda *a, **k: calls.append(1) or original(*a, **k)
     )
     layer = keras_attnrnn.LARNN(8, window=3, num_heads=2, implementation="reference")
     layer(np.random.rand(2, 5, 3).astype("float32"))
@@ -336,9 +336,9 @@ def test_building_and_training_a_model_never_runs_the_reference(monkeypatch):
     torch, on "meta" tensors): that must not fall back to the reference's
     step-by-step loop either."""
     calls = []
-    original = reference.larnn
+    original = steps.reference
     monkeypatch.setattr(
-        reference, "larnn", lambda *a, **k: calls.append(1) or original(*a, **k)
+        steps, "reference", lambda *a, **k: calls.append(1) or original(*a, **k)
     )
     inputs = keras.Input((40, 3))
     hidden = keras_attnrnn.LARNN(8, window=3, num_heads=2)(inputs)

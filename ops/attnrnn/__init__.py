@@ -1,75 +1,60 @@
 """The AttnRNN recurrence as one op, dispatched to the best implementation.
 
-Implementations (all with the signature of `reference.attnrnn`):
+The front door (`attnrnn`) checks the arguments and does the shared
+preparation once: 16-bit inputs cast to float32, the input projection, the
+time-major layout, the weights packed (`steps.prepare`). An implementation is
+a loop driver over the model's one math (`steps.py`), called as
+`fn(x, state0, w, mask, extras, reverse, config)` (see `ops/loops/`):
 
 | name | backend | device | what |
 |---|---|---|---|
-| `reference` | any | any | `keras.ops.scan` over `attnrnn_step` |
-| `jax_scan` | jax | any | `lax.scan` with a hand-written VJP (`jax.py`) |
-| `tensorflow_loop` | tensorflow | any | XLA while loops, custom gradient (`tensorflow.py`) |
+| `reference` | any | any | `keras.ops.scan` over `steps.forward_step`, autodiff |
+| `jax_scan` | jax | any | `lax.scan` with the hand-written VJP of `steps.py` |
+| `tensorflow_loop` | tensorflow | any | XLA while loops, the same VJP |
 | `torch_cpp` | torch | cpu | C++ step loops built on first use (`torch_cpp.py`) |
-| `torch_cpu` | torch | cpu | the same in Python, when C++ cannot be built (`torch.py`) |
+
+Without a C++ compiler `torch_cpp` declines, saying why, and torch runs the
+reference (a Python `torch_cpu` copy of the math was 1.25x slower than
+`torch_cpp` and was removed; docs/benchmarks.md).
 """
 
 import importlib.util
 
+from keras import ops
+
 from keras_attnrnn.ops import _dispatch
+from keras_attnrnn.ops import loops
+from keras_attnrnn.ops.attnrnn import steps
 from keras_attnrnn.ops.registry import REGISTRY
 from keras_attnrnn.ops.registry import Implementation
 from keras_attnrnn.ops.registry import float_dtype
-from keras_attnrnn.ops.registry import importable
+from keras_attnrnn.ops.registry import register_drivers
 
 OP = "attnrnn"
 
-REGISTRY.register(
-    Implementation(
-        op=OP,
-        name="reference",
-        module="keras_attnrnn.ops.attnrnn.reference",
-        function="attnrnn",
-        fused=False,
-        priority=0,
-    )
-)
 
 
 def _check_shapes(inputs, initial_state, num_heads, units, mask, input_kernel):
+    invalid = _dispatch.invalid
     if len(inputs.shape) != 3:
-        raise ValueError(
-            "Received an invalid value for argument `inputs`, expected a 3D "
-            "tensor (batch, timesteps, features), got shape "
-            f"{tuple(inputs.shape)}."
+        raise invalid(
+            "inputs", "a 3D tensor (batch, timesteps, features)",
+            f"shape {tuple(inputs.shape)}",
         )
     if not isinstance(num_heads, int) or num_heads <= 0 or units % num_heads:
-        raise ValueError(
-            "Received an invalid value for argument `num_heads`, expected a "
-            f"positive divisor of units={units}, got {num_heads}."
-        )
-    features = inputs.shape[-1]
+        raise invalid("num_heads", f"a positive divisor of units={units}", num_heads)
     expected = units if input_kernel is None else input_kernel.shape[0]
-    if features is not None and features != expected:
-        raise ValueError(
-            "Received an invalid value for argument `inputs`, expected "
-            f"{expected} features on the last axis, got shape "
-            f"{tuple(inputs.shape)}."
+    if inputs.shape[-1] is not None and inputs.shape[-1] != expected:
+        raise invalid(
+            "inputs", f"{expected} features on the last axis",
+            f"shape {tuple(inputs.shape)}",
         )
     if len(initial_state.shape) != 2 or initial_state.shape[-1] != units:
-        raise ValueError(
-            "Received an invalid value for argument `initial_state`, expected "
-            f"shape (batch, {units}), got {tuple(initial_state.shape)}."
+        raise invalid(
+            "initial_state", f"shape (batch, {units})",
+            tuple(initial_state.shape),
         )
-    if mask is not None and (
-        len(mask.shape) != 2
-        or any(
-            m is not None and i is not None and m != i
-            for m, i in zip(mask.shape, inputs.shape[:2])
-        )
-    ):
-        raise ValueError(
-            "Received an invalid value for argument `mask`, expected shape "
-            f"(batch, timesteps) = {tuple(inputs.shape[:2])}, got "
-            f"{tuple(mask.shape)}."
-        )
+    _dispatch.check_mask(mask, inputs)
 
 
 def attnrnn(
@@ -115,38 +100,17 @@ def attnrnn(
     Returns:
         `(outputs, final_state)`: (b, t, e) and (b, e).
     """
-    (
-        inputs,
-        initial_state,
-        query_kernel,
-        query_bias,
-        output_kernel,
-        output_bias,
-        gate_kernel,
-        gate_bias,
-        gamma,
-        beta,
-        input_kernel,
-        input_bias,
-        mask,
-        recurrent_dropout_mask,
-    ) = _dispatch.as_tensors(
-        inputs,
-        initial_state,
-        query_kernel,
-        query_bias,
-        output_kernel,
-        output_bias,
-        gate_kernel,
-        gate_bias,
-        gamma,
-        beta,
-        input_kernel,
-        input_bias,
-        mask,
-        recurrent_dropout_mask,
+    inputs, initial_state, input_kernel, input_bias, mask, dropout = (
+        _dispatch.as_tensors(
+            inputs, initial_state, input_kernel, input_bias, mask,
+            recurrent_dropout_mask,
+        )
     )
-    units = query_kernel.shape[-1]
+    weights = _dispatch.as_tensors(
+        query_kernel, query_bias, output_kernel, output_bias, gate_kernel,
+        gate_bias, gamma, beta,
+    )
+    units = weights[0].shape[-1]
     _check_shapes(inputs, initial_state, num_heads, units, mask, input_kernel)
     call = {
         "dtype": _dispatch.dtype_name(inputs),
@@ -157,28 +121,23 @@ def attnrnn(
         "num_heads": num_heads,
         "mask": mask is not None,
         "reverse": reverse,
-        "recurrent_dropout": recurrent_dropout_mask is not None,
+        "recurrent_dropout": dropout is not None,
     }
     fn = _dispatch.dispatch(OP, implementation, inputs, call)
-    return fn(
-        inputs,
-        initial_state,
-        query_kernel,
-        query_bias,
-        output_kernel,
-        output_bias,
-        gate_kernel,
-        gate_bias,
-        gamma,
-        beta,
-        num_heads,
-        input_kernel=input_kernel,
-        input_bias=input_bias,
-        mask=mask,
-        reverse=reverse,
-        recurrent_dropout_mask=recurrent_dropout_mask,
-        epsilon=epsilon,
+    dtype, cast = _dispatch.compute_cast(inputs)
+    x = cast(inputs)
+    if input_kernel is not None:
+        x = ops.matmul(x, cast(input_kernel)) + cast(input_bias)
+    hs, (h_last,) = fn(
+        loops.time_major(x),
+        (cast(initial_state),),
+        steps.prepare(*map(cast, weights)),
+        _dispatch.time_major_mask(mask),
+        (cast(dropout),),
+        bool(reverse),
+        (num_heads, float(epsilon)),
     )
+    return ops.cast(loops.time_major(hs), dtype), ops.cast(h_last, dtype)
 
 
 def _fused_supports(call):
@@ -187,45 +146,7 @@ def _fused_supports(call):
     return float_dtype(call)
 
 
-REGISTRY.register(
-    Implementation(
-        op=OP,
-        name="jax_scan",
-        module="keras_attnrnn.ops.attnrnn.jax",
-        function="attnrnn",
-        backends=("jax",),
-        priority=10,
-        available=importable("jax"),
-        supports=_fused_supports,
-    )
-)
-
-REGISTRY.register(
-    Implementation(
-        op=OP,
-        name="tensorflow_loop",
-        module="keras_attnrnn.ops.attnrnn.tensorflow",
-        function="attnrnn",
-        backends=("tensorflow",),
-        priority=10,
-        available=importable("tensorflow"),
-        supports=_fused_supports,
-    )
-)
-
-REGISTRY.register(
-    Implementation(
-        op=OP,
-        name="torch_cpu",
-        module="keras_attnrnn.ops.attnrnn.torch",
-        function="attnrnn",
-        backends=("torch",),
-        devices=("cpu",),
-        priority=10,
-        available=importable("torch"),
-        supports=_fused_supports,
-    )
-)
+register_drivers(OP, "keras_attnrnn.ops.attnrnn.steps", _fused_supports)
 
 
 def _lazy(module, backend, name):

@@ -14,8 +14,8 @@ import shutil
 
 import torch
 
+from keras_attnrnn.ops import loops
 from keras_attnrnn.ops.attnrnn import steps
-from keras_attnrnn.ops.attnrnn.reference import LAYER_NORM_EPSILON
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _SOURCES = [os.path.join(_HERE, "torch_cpu.cpp"), os.path.join(_HERE, "attnrnn_cpu.h")]
@@ -101,52 +101,25 @@ class _AttnRNN(torch.autograd.Function):
             d_hs, d_last, x, h0, *saved,
             w_hq, b_hq, w_o, b_o, w_ga, gamma, beta, mask, num_heads, reverse,
         )
-        d_weights = steps.packed_weight_grads(h0, hs, o, a, rhat, dhw, du, dcand, reverse)
-        return (dx, dh0, *d_weights, None, None)
+        flat = lambda v: v.reshape(-1, v.shape[-1])  # noqa: E731
+        d_w = steps.packed_grads(
+            *map(flat, (loops.previous(hs, h0, reverse), o, a, rhat, dhw, du, dcand))
+        )
+        return (dx, dh0, *[d_w[name] for name in _WEIGHTS], None, None)
 
 
-def attnrnn(
-    inputs,
-    initial_state,
-    query_kernel,
-    query_bias,
-    output_kernel,
-    output_bias,
-    gate_kernel,
-    gate_bias,
-    gamma,
-    beta,
-    num_heads,
-    input_kernel=None,
-    input_bias=None,
-    mask=None,
-    reverse=False,
-    recurrent_dropout_mask=None,
-    epsilon=LAYER_NORM_EPSILON,
-):
-    """Same contract as `reference.attnrnn` (no recurrent dropout)."""
-    dtype = inputs.dtype
-    compute = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-    cast = lambda v: v.to(compute)  # noqa: E731
-    x = cast(inputs)
-    if input_kernel is not None:
-        x = torch.matmul(x, cast(input_kernel)) + cast(input_bias)
-    units = query_kernel.shape[-1]
-    gate_kernel = cast(gate_kernel)
-    m = torch.empty(0, dtype=torch.bool)
-    if mask is not None:
-        m = mask.to(torch.bool).t().contiguous()
+_WEIGHTS = ("hq_kernel", "hq_bias", "output_kernel", "output_bias", "gate_a_kernel", "gamma", "beta")
+
+
+def attnrnn(x, state0, w, mask, extras, reverse, config):
+    """See `ops/loops/__init__.py` (no recurrent dropout)."""
+    num_heads, epsilon = config
+    m = torch.empty(0, dtype=torch.bool) if mask is None else mask[..., 0].contiguous()
     hs, h_last = _AttnRNN.apply(
-        x.transpose(0, 1).contiguous(),
-        cast(initial_state),
-        torch.cat([cast(query_kernel), gate_kernel[:units]], 1),
-        torch.cat([cast(query_bias), cast(gate_bias)]),
-        cast(output_kernel),
-        cast(output_bias),
-        gate_kernel[units:],
-        cast(gamma),
-        cast(beta),
+        x.contiguous(),
+        state0[0],
+        *[w[name] for name in _WEIGHTS],
         m,
         (num_heads, bool(reverse), float(epsilon)),
     )
-    return hs.transpose(0, 1).to(dtype), h_last.to(dtype)
+    return hs, (h_last,)

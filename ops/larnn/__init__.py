@@ -1,48 +1,42 @@
 """The LARNN recurrence as one op, dispatched to the best implementation.
 
-Implementations (all with the signature of `reference.larnn`):
+The front door (`larnn`) checks the arguments and does the shared
+preparation once: 16-bit inputs cast to float32, the weights packed and the
+input projections of all steps hoisted (`steps.prepare`), the window's cells
+projected for the keys and values (`steps.initial_carry`), the time-major
+layout. An implementation is a loop driver over the model's one math
+(`steps.py`), called as `fn(x, state0, w, mask, extras, reverse, config)`
+(see `ops/loops/`):
 
 | name | backend | device | what |
 |---|---|---|---|
-| `reference` | any | any | `keras.ops.scan` over `larnn_step` |
-| `jax_scan` | jax | any | `lax.scan`, cached key/value projections, hand-written VJP |
-| `tensorflow_loop` | tensorflow | any | the same under XLA, with `tf.custom_gradient` |
-| `torch_cpu` | torch | cpu | raw torch loops in a `torch.autograd.Function` |
+| `reference` | any | any | `keras.ops.scan` over `steps.forward_step`, autodiff |
+| `jax_scan` | jax | any | `lax.scan` with the hand-written VJP of `steps.py` |
+| `tensorflow_loop` | tensorflow | any | XLA while loops, the same VJP |
+| `torch_cpu` | torch | cpu | raw torch loops in a `torch.autograd.Function` (`torch.py`) |
 
-All fused implementations project each cell for the keys and values once,
-when it enters the window, and keep the projections in the loop carry (see
+Every implementation projects each cell for the keys and values once, when
+it enters the window, and keeps the projections in the loop carry (see
 `steps.py` and docs/larnn.md).
 """
 
+from keras import ops
+
 from keras_attnrnn.ops import _dispatch
-from keras_attnrnn.ops.larnn.reference import KEY_VALUE_NORMS
-from keras_attnrnn.ops.larnn.reference import LAYER_NORM_EPSILON
-from keras_attnrnn.ops.larnn.reference import WEIGHT_NAMES
-from keras_attnrnn.ops.larnn.reference import positional_size
+from keras_attnrnn.ops import loops
+from keras_attnrnn.ops.larnn import steps
+from keras_attnrnn.ops.larnn.steps import KEY_VALUE_NORMS
+from keras_attnrnn.ops.larnn.steps import LAYER_NORM_EPSILON
+from keras_attnrnn.ops.larnn.steps import WEIGHT_NAMES
+from keras_attnrnn.ops.larnn.steps import positional_size
 from keras_attnrnn.ops.registry import REGISTRY
 from keras_attnrnn.ops.registry import Implementation
 from keras_attnrnn.ops.registry import float_dtype
 from keras_attnrnn.ops.registry import importable
+from keras_attnrnn.ops.registry import register_drivers
 
 OP = "larnn"
-
-REGISTRY.register(
-    Implementation(
-        op=OP,
-        name="reference",
-        module="keras_attnrnn.ops.larnn.reference",
-        function="larnn",
-        fused=False,
-        priority=0,
-    )
-)
-
-
-def _invalid(name, expected, got):
-    return ValueError(
-        f"Received an invalid value for argument `{name}`, expected "
-        f"{expected}, got {got}."
-    )
+_invalid = _dispatch.invalid
 
 
 def _check(inputs, initial_state, weights, num_heads, mask):
@@ -110,17 +104,7 @@ def _check(inputs, initial_state, weights, num_heads, mask):
             f" with positional encoding for window={slots}",
             f"shape {tuple(weights['key_kernel'].shape)}",
         )
-    if mask is not None and (
-        len(mask.shape) != 2
-        or any(
-            m is not None and i is not None and m != i
-            for m, i in zip(mask.shape, inputs.shape[:2])
-        )
-    ):
-        raise _invalid(
-            "mask", f"shape (batch, timesteps) = {tuple(inputs.shape[:2])}",
-            f"shape {tuple(mask.shape)}",
-        )
+    _dispatch.check_mask(mask, inputs)
     activation = weights.get("key_norm_gamma") is not None
     return units, slots, rows != units, activation
 
@@ -149,7 +133,7 @@ def larnn(
             slot holds a real cell; the newest slot always counts as valid,
             so all zeros is the initial state).
         weights: a mapping from the weight names of `LARNNCell` (SPEC §3.2,
-            `reference.WEIGHT_NAMES`) to tensors. Positional encoding is on
+            `keras_attnrnn.ops.larnn.steps.WEIGHT_NAMES`) to tensors. Positional encoding is on
             when `key_kernel` has e + P rows (P = 2 ceil(log2 4k)), off when
             it has e; keys and values are `LN(elu(.))` when the key and value
             norms are given, plain projections when they are absent.
@@ -207,44 +191,26 @@ def larnn(
         "attention_dropout": attention_dropout_mask is not None,
     }
     fn = _dispatch.dispatch(OP, implementation, inputs, call)
-    return fn(
-        inputs,
-        initial_state,
-        weights,
-        num_heads,
-        mask=mask,
-        reverse=reverse,
-        recurrent_dropout_mask=recurrent_dropout_mask,
-        attention_dropout_mask=attention_dropout_mask,
-        epsilon=epsilon,
+    dtype, cast = _dispatch.compute_cast(inputs)
+    weights = {name: cast(value) for name, value in weights.items()}
+    w, input_kernel, input_bias = steps.prepare(
+        weights, inputs.shape[-1], slots
     )
+    x = ops.matmul(cast(inputs), input_kernel) + input_bias
+    hs, final = fn(
+        loops.time_major(x),
+        steps.initial_carry(*map(cast, initial_state), w),
+        w,
+        _dispatch.time_major_mask(mask),
+        (cast(recurrent_dropout_mask), cast(attention_dropout_mask)),
+        bool(reverse),
+        (num_heads, float(epsilon), activation),
+    )
+    final = [ops.cast(v, dtype) for v in steps.final_state(final)]
+    return ops.cast(loops.time_major(hs), dtype), final
 
 
-REGISTRY.register(
-    Implementation(
-        op=OP,
-        name="jax_scan",
-        module="keras_attnrnn.ops.larnn.jax",
-        function="larnn",
-        backends=("jax",),
-        priority=10,
-        available=importable("jax"),
-        supports=float_dtype,
-    )
-)
-
-REGISTRY.register(
-    Implementation(
-        op=OP,
-        name="tensorflow_loop",
-        module="keras_attnrnn.ops.larnn.tensorflow",
-        function="larnn",
-        backends=("tensorflow",),
-        priority=10,
-        available=importable("tensorflow"),
-        supports=float_dtype,
-    )
-)
+register_drivers(OP, "keras_attnrnn.ops.larnn.steps")
 
 REGISTRY.register(
     Implementation(

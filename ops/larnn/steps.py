@@ -1,15 +1,34 @@
-"""LARNN's forward and backward step, for implementations with their own VJP.
+"""LARNN's step (SPEC §3.2) and its hand-written backward, in `keras.ops`.
 
-Written in `keras.ops` and traced once inside a compiled loop (`jax.lax.scan`,
-a tensorflow XLA while loop), where `keras.ops` costs nothing at run time.
+This is the model's one written math: the portable reference differentiates
+`forward_step` with the backend's autodiff, the jax and tensorflow drivers
+(`ops/loops/`) run `backward_step` as its VJP, and cells call `larnn_step`.
+The only other copy is the torch CPU loop (`torch.py`).
 
-Shapes: b batch, e units, k window slots, n heads, h = e / n.
+Shapes: b batch, d input features, e units, k window slots, n heads,
+h = e / n, P positional features (0 without positional encoding).
 
-What makes it fast: the keys and values of a slot are
-`LN(elu([cell, PE(p)] @ W + bias))` and `[cell, PE(p)] @ W = cell @ W_cell +
-PE(p) @ W_pos`. The loop carries the key and value projections of the window's
-cells (`kc`, `vc`, (b, k, e) each), each cell projected once, when it enters
-the window; the positional part plus the bias is a constant (k, e) per half
+The state is `[h (b, e), c (b, e), window (b, k * e), valid (b, k)]`; the
+window holds the k most recent cell states, oldest first, and `valid` flags
+the slots that hold a real past cell. The newest slot always counts as
+valid, so the all-zeros state is the initial state: one valid zero cell.
+One step, from (h, c, window, valid) and the input x (b, d):
+
+    M = [window cells, PE(p)]                        (b, k, e + P), p = k .. 1
+    q = elu([x, h] @ query_kernel + query_bias)
+    K = LN_k(elu(M @ key_kernel + key_bias))         (b, k, e)
+    V = LN_v(elu(M @ value_kernel + value_bias))     (b, k, e)
+    per head: softmax over the valid slots of <q, K> / sqrt(h), times V
+    a = LN_a(elu(heads @ attention_output_kernel + attention_output_bias))
+    z = x @ kernel + h @ recurrent_kernel + a @ attention_kernel + bias
+    c' = LN_c(sigmoid(z_i) * tanh(z_g) + sigmoid(z_f) * c)
+    h' = LN_h(sigmoid(z_o) * elu(c'))
+    window' = window without its oldest cell, then c'; the output is h'.
+
+How it is computed: `[cell, PE(p)] @ W = cell @ W_cell + PE(p) @ W_pos`. The
+loop carries the key and value projections of the window's cells (`kc`,
+`vc`, (b, k, e) each), each cell projected once, when it enters the window;
+the positional part plus the bias is a constant (k, e) per half
 (`key_slots`, `value_slots`, one row per slot, oldest first). A step then
 does O(b k e) elementwise work on the window and four (b, e) x (e, *)
 matmuls:
@@ -27,22 +46,82 @@ K and V themselves are never formed (see `window_attention`). The backward
 loop rebuilds each step's window from the next one and the slot that dropped
 out (saved, (b, 2e) per step), so nothing of size (b, k, e) is saved per
 step; the weight gradients of the matmuls are single large matmuls over all
-steps afterwards (`weight_grads`).
+steps afterwards (`backward_finish`).
 """
 
 import math
+import sys
 
+import numpy as np
 from keras import ops
 
-from keras_attnrnn.ops.larnn.reference import positional_features
+from keras_attnrnn.ops import loops
+
+LAYER_NORM_EPSILON = 1e-5
+
+WEIGHT_NAMES = (
+    "query_kernel",
+    "query_bias",
+    "key_kernel",
+    "key_bias",
+    "value_kernel",
+    "value_bias",
+    "attention_output_kernel",
+    "attention_output_bias",
+    "kernel",
+    "recurrent_kernel",
+    "attention_kernel",
+    "bias",
+    "key_norm_gamma",
+    "key_norm_beta",
+    "value_norm_gamma",
+    "value_norm_beta",
+    "attention_norm_gamma",
+    "attention_norm_beta",
+    "cell_norm_gamma",
+    "cell_norm_beta",
+    "hidden_norm_gamma",
+    "hidden_norm_beta",
+)
+"""The weights of a LARNN cell, by their SPEC names.
+
+The key and value norms exist only with `activation_on_keys_and_values=True`.
+"""
+
+KEY_VALUE_NORMS = (
+    "key_norm_gamma",
+    "key_norm_beta",
+    "value_norm_gamma",
+    "value_norm_beta",
+)
+
+
+def positional_size(window):
+    """P = 2 * ceil(log2(4 * window)), the number of positional features."""
+    return 2 * (4 * window - 1).bit_length()
+
+
+def positional_features(window):
+    """(k, P) NumPy float64: PE(p) of each slot, oldest (p = k) first.
+
+    PE(p) = [cos(2 pi p / 2^i), i = 1..b] ++ [sin(2 pi p / 2^i), i = 2..b+1],
+    b = ceil(log2(4k)); the newest slot has p = 1.
+    """
+    bits = positional_size(window) // 2
+    p = np.arange(window, 0, -1, dtype="float64")[:, None]
+    cos = np.cos(2 * np.pi * p / 2.0 ** np.arange(1, bits + 1))
+    sin = np.sin(2 * np.pi * p / 2.0 ** np.arange(2, bits + 2))
+    return np.concatenate([cos, sin], axis=1)
+
 
 # A score no valid slot reaches: masked slots get a softmax weight of 0.
 MASKED_SCORE = -1e9
 
-# The weights as the loops take them (see `prepare`). key_beta is not used:
-# it adds the same <q, beta_k> to every score of a head, which the softmax
-# ignores; it is passed so that its gradient is an exact 0, not a missing one
-# (Keras optimizers warn about variables without a gradient).
+# The weights as the loops take them (see `prepare`). key_beta adds the same
+# <q, beta_k> to every score of a head, which the softmax ignores: its
+# gradient is 0 (exactly, in `backward_step`), but it is passed so that it
+# is a 0 and not a missing one (Keras optimizers warn about variables
+# without a gradient).
 STEP_WEIGHTS = (
     "h_kernel",
     "kv_kernel",
@@ -153,6 +232,11 @@ def window_attention(kc, vc, q, live, w, num_heads, activation, epsilon, adm):
     if activation:
         mean, rstd = [ops.expand_dims(v, -1) for v in stats_k]
         raw = rstd * (raw - mean * ops.expand_dims(ops.sum(qg, axis=-1), 1))
+        # + <q, beta_k> per head: the same for every slot, so the softmax
+        # ignores it, but autodiff then sees key_beta's (zero) gradient.
+        raw = raw + ops.expand_dims(
+            ops.sum(_heads(q * w["key_beta"], num_heads), axis=-1), 1
+        )
     scores = ops.where(ops.expand_dims(live, -1), raw * scale, MASKED_SCORE)
     if scores.shape[1] == 1:  # one slot, always valid: its weight is 1
         p = ops.ones_like(scores)
@@ -264,8 +348,8 @@ def _split_gates(gates):
     return ops.split(gates, 4, axis=-1)
 
 
-def forward_step(carry, xs_t, w, num_heads, activation, epsilon, rdm, adm):
-    """One step.
+def forward_step(carry, xs_t, w, extras, config):
+    """One step (the driver interface of `ops/loops/`).
 
     Args:
         carry: (h, c, kc, vc, cells, valid): (b, e), (b, e), (b, k, e),
@@ -273,8 +357,9 @@ def forward_step(carry, xs_t, w, num_heads, activation, epsilon, rdm, adm):
         xs_t: (xqz, m): the hoisted input projections (b, 5e) (query part,
             then gates part) and the mask (b, 1) bool or None.
         w: the weights, a dict with the keys of `STEP_WEIGHTS`.
-        rdm: (b, e) recurrent dropout mask or None; adm: (b, k, n) attention
-            dropout mask or None.
+        extras: (rdm, adm): the (b, e) recurrent dropout mask and the
+            (b, k, n) attention dropout mask, each or None.
+        config: (num_heads, epsilon, activation_on_keys_and_values).
 
     Returns:
         `(carry, outputs)`, outputs = (h, c, q, p, o, u, ua, gates,
@@ -284,6 +369,8 @@ def forward_step(carry, xs_t, w, num_heads, activation, epsilon, rdm, adm):
         `window_attention`), elu(o @ Wo + bo) (b, e), the activated gates
         [i|f|g|o] (b, 4e) and the oldest slot's projections (b, 2e).
     """
+    num_heads, epsilon, activation = config
+    rdm, adm = extras
     h, c, kc, vc, cells, valid = carry
     xqz, m = xs_t
     e = h.shape[-1]
@@ -351,8 +438,8 @@ def _unshift(d):
     return ops.concatenate([ops.zeros_like(d[:, :1]), d[:, :-1]], axis=1)
 
 
-def backward_step(carry, xs_t, w, num_heads, activation, epsilon, rdm, adm):
-    """Backpropagates one step.
+def backward_step(carry, xs_t, w, extras, config):
+    """Backpropagates one step (`extras` and `config` as in `forward_step`).
 
     Args:
         carry: (dh, dc, dkc, dvc, dcells, dvalid, kc_next, vc_next, sums):
@@ -367,10 +454,12 @@ def backward_step(carry, xs_t, w, num_heads, activation, epsilon, rdm, adm):
 
     Returns:
         `(carry, (dhw, du, dkv_new))`: the carry for the step before, and the
-        per-step gradients from which `weight_grads` forms the matmul weight
+        per-step gradients from which `backward_finish` forms the matmul weight
         gradients: of hw (b, 5e), which is also that of the hoisted input
         projections, of u (b, e) and of the new slot's projections (b, 2e).
     """
+    num_heads, epsilon, activation = config
+    rdm, adm = extras
     dh, dc, dkc, dvc, dcells, dvalid, kc_next, vc_next, sums = carry
     d_out, h_prev, c_prev, c_new, q, p, u, ua, gates, dropped, m = xs_t
     e = h_prev.shape[-1]
@@ -538,3 +627,88 @@ def prepare(weights, input_dim, slots):
     )
     input_bias = ops.concatenate([weights["query_bias"], weights["bias"]], 0)
     return step, input_kernel, input_bias
+
+
+def initial_carry(h, c, window, valid, w):
+    """The loops' carry from the state: the window's cells are projected
+    once for the keys and values, (b, k, e) each."""
+    units = h.shape[-1]
+    cells = ops.reshape(window, (-1, valid.shape[-1], units))
+    kv = ops.matmul(cells, w["kv_kernel"])
+    return (h, c, kv[..., :units], kv[..., units:], cells, valid)
+
+
+def final_state(carry):
+    """`[h, c, window, valid]` from the loops' carry."""
+    h, c, _, _, cells, valid = carry
+    return [h, c, ops.reshape(cells, (-1, cells.shape[1] * cells.shape[2])), valid]
+
+
+def larnn_step(x_query, x_gates, h, c, window, valid, weights, num_heads,
+               recurrent_dropout_mask=None, attention_dropout_mask=None,
+               epsilon=LAYER_NORM_EPSILON):
+    """One LARNN step for cells: the new state `(h, c, window, valid)`.
+
+    Args:
+        x_query: (b, e), x @ query_kernel[:d] + query_bias.
+        x_gates: (b, 4e), x @ kernel + bias.
+        h, c: (b, e); window: (b, k * e), oldest first; valid: (b, k).
+        weights: a mapping from the names of `WEIGHT_NAMES` to tensors;
+            positional encoding is on when `key_kernel` has e + P rows,
+            the key/value activation when the key norm is present.
+        num_heads: n, dividing e.
+        recurrent_dropout_mask: optional (b, e) multiplier of h where h
+            enters a linear map (the query and the gates).
+        attention_dropout_mask: optional (b, k, n) multiplier of the
+            attention weights.
+
+    16-bit inputs are computed in float32 and the state cast back.
+    """
+    dtype = h.dtype
+    compute = "float32" if dtype in ("float16", "bfloat16") else dtype
+    cast = lambda v: None if v is None else ops.cast(v, compute)  # noqa: E731
+    weights = {name: cast(v) for name, v in weights.items() if v is not None}
+    units, slots = h.shape[-1], valid.shape[-1]
+    input_dim = weights["query_kernel"].shape[0] - units
+    w = prepare(weights, input_dim, slots)[0]
+    carry = initial_carry(cast(h), cast(c), cast(window), cast(valid), w)
+    xqz = ops.concatenate([cast(x_query), cast(x_gates)], axis=-1)
+    config = (num_heads, epsilon, "key_gamma" in w)
+    extras = (cast(recurrent_dropout_mask), cast(attention_dropout_mask))
+    carry, _ = forward_step(carry, (xqz, None), w, extras, config)
+    return tuple(ops.cast(v, dtype) for v in final_state(carry))
+
+
+# The rest of the driver interface (ops/loops/__init__.py).
+
+
+def residuals(x, state0, ys, final):
+    return state0[:2], ys, final[2:4]
+
+
+def backward_setup(saved, m, w, cotangents, config, reverse):
+    (h0, c0), (hs, cs, q, p, o, u, ua, gates, dropped), caches = saved
+    d_hs, d_final = cotangents
+    h_prev = loops.previous(hs, h0, reverse)
+    c_prev = loops.previous(cs, c0, reverse)
+    carry = (*d_final, *caches, zero_sums(w, config[2]))
+    return carry, (d_hs, h_prev, c_prev, cs, q, p, u, ua, gates, dropped, m)
+
+
+def backward_finish(saved, m, w, extras, carry, ys, config, reverse):
+    (h0, _), (hs, cs, _, _, o, _, ua, _, _), _ = saved
+    *d_state0, _, _, sums = carry
+    dhw, du, dkv_new = ys
+    hd = loops.previous(hs, h0, reverse)
+    if extras[0] is not None:
+        hd = hd * extras[0]
+    rows = loops.rows
+    grads = weight_grads(
+        rows(hd), rows(cs), rows(o), rows(ua), rows(dhw), rows(du),
+        rows(dkv_new), w, sums, config[1],
+    )
+    return dhw, tuple(d_state0), {name: grads[name] for name in w}
+
+
+# The implementations of the op: the loop drivers bound to this module.
+reference, jax_scan, tensorflow_loop = loops.drivers(sys.modules[__name__])

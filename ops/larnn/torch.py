@@ -24,7 +24,6 @@ import torch
 import torch.nn.functional as F
 
 from keras_attnrnn.ops.larnn import steps
-from keras_attnrnn.ops.larnn.reference import LAYER_NORM_EPSILON
 
 aten = torch.ops.aten
 
@@ -447,47 +446,16 @@ class _LARNN(torch.autograd.Function):
         )
 
 
-def larnn(
-    inputs,
-    initial_state,
-    weights,
-    num_heads,
-    mask=None,
-    reverse=False,
-    recurrent_dropout_mask=None,
-    attention_dropout_mask=None,
-    epsilon=LAYER_NORM_EPSILON,
-):
-    """Same contract as `reference.larnn`."""
-    dtype = inputs.dtype
-    compute = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-    cast = lambda v: None if v is None else v.to(compute)  # noqa: E731
-    x = cast(inputs)
-    weights = {name: cast(v) for name, v in weights.items()}
-    h0, c0, window0, valid0 = [cast(v) for v in initial_state]
-    batch, t_len, input_dim = x.shape
-    slots = valid0.shape[-1]
-    units = h0.shape[-1]
-    w, input_kernel, input_bias = steps.prepare(weights, input_dim, slots)
-    xqz = torch.addmm(
-        input_bias, x.reshape(batch * t_len, input_dim), input_kernel
-    ).view(batch, t_len, -1)
-    cells0 = window0.reshape(batch, slots, units)
-    kv0 = torch.matmul(cells0, w["kv_kernel"])
+def larnn(x, state0, w, mask, extras, reverse, config):
+    """See `ops/loops/__init__.py`."""
+    num_heads, epsilon, _ = config
     m = None
     if mask is not None:
         # In processing order, as the loops and the tapes use it.
-        m = mask.to(torch.bool).t().unsqueeze(-1)
-        if reverse:
-            m = m.flip(0)
+        m = mask.flip(0) if reverse else mask
     hs, h, c, cells, valid = _LARNN.apply(
-        xqz.transpose(0, 1).contiguous(),
-        h0,
-        c0,
-        kv0[..., :units],
-        kv0[..., units:],
-        cells0,
-        valid0,
+        x.contiguous(),
+        *state0,
         w["h_kernel"],
         w["kv_kernel"],
         w["key_slots"],
@@ -506,9 +474,7 @@ def larnn(
         w["hidden_gamma"],
         w["hidden_beta"],
         m,
-        cast(recurrent_dropout_mask),
-        cast(attention_dropout_mask),
+        *extras,
         (num_heads, reverse, float(epsilon)),
     )
-    final = [h, c, cells.reshape(batch, slots * units), valid]
-    return hs.transpose(0, 1).to(dtype), [v.to(dtype) for v in final]
+    return hs, (h, c, None, None, cells, valid)
