@@ -18,15 +18,16 @@ Implementations (all with the signature of `reference.aaren_scan`):
 | name | backend | device | what |
 |---|---|---|---|
 | `reference` | any | any | `keras.ops.associative_scan` over the (m, u, w) leaves |
-| `jax_chunked` | jax | any | exact softmax in blocks of 16 steps, a doubling scan over the blocks |
-| `tensorflow_chunked` | tensorflow | any | the same in TensorFlow ops, blocks of 32 (and a dynamic time dimension) |
-| `torch_chunked` | torch | any | the same in torch ops, blocks of 16; no per-step Python loop |
+| `jax_chunked` | jax | any | `chunked.py`: exact softmax in blocks of 16 steps, a doubling scan over the blocks |
+| `tensorflow_chunked` | tensorflow | any | the same function, blocks of 32 (and a dynamic time dimension) |
+| `torch_chunked` | torch | any | the same function, blocks of 16 |
 
-Block sizes: measured on 2 CPU cores at b=8, t=4096, n=4, k=32, forward and
-backward (16 beat 64 by 1.5-2.5x on jax and torch; tensorflow was flat from
-32 to 64). The (C, C) weights of a block cost O(t * C) per head against
-O(t * k) for the values, so small blocks win unless a device wants big
-matrix products.
+The three chunked names are one `keras.ops` function (`chunked.aaren_scan`)
+with each backend's block size. Block sizes: measured on 2 CPU cores at b=8,
+t=4096, n=4, k=32, forward and backward (16 beat 64 by 1.5-2.5x on jax and
+torch; tensorflow was flat from 32 to 64). The (C, C) weights of a block
+cost O(t * C) per head against O(t * k) for the values, so small blocks win
+unless a device wants big matrix products.
 """
 
 from keras_attnrnn.ops import _dispatch
@@ -177,8 +178,8 @@ for _backend in ("jax", "tensorflow", "torch"):
         Implementation(
             op=OP,
             name=f"{_backend}_chunked",
-            module=f"keras_attnrnn.ops.aaren_scan.{_backend}",
-            function="aaren_scan",
+            module="keras_attnrnn.ops.aaren_scan.chunked",
+            function=f"{_backend}_chunked",
             backends=(_backend,),
             priority=10,
             available=importable(_backend),

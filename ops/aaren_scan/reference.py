@@ -25,21 +25,46 @@ def compute_dtype(dtype):
     return "float32" if dtype in ("float16", "bfloat16") else dtype
 
 
+def accumulation(values):
+    """`(dtype, compute, cast)`: the dtype of `values`, the dtype to
+    accumulate in, and a cast to it that skips tensors of values' dtype when
+    that is the compute dtype (each keras op costs microseconds in eager
+    torch, and a streaming step is a few dozen)."""
+    dtype = keras.backend.standardize_dtype(values.dtype)
+    compute = compute_dtype(dtype)
+    native = values.dtype if compute == dtype else None
+
+    def cast(x):
+        if native is not None and x.dtype == native:
+            return x
+        return ops.cast(x, compute)
+
+    return dtype, compute, cast
+
+
 def lowest(dtype):
     """The m of an empty state inside a scan (exp(lowest - m) == 0)."""
     return float(np.finfo(dtype).min)
 
 
-def combine(a, b):
-    """(m, u, w) + (m, u, w), broadcasting; w has one more axis (k)."""
+def combine(a, b, divide=False):
+    """(m, u, w) + (m, u, w), broadcasting; w has one more axis (k).
+
+    With `divide`, the third result is the output w / u instead of w (0
+    where u == 0): the small factors are divided, so w sees one pass.
+    """
     m_a, u_a, w_a = a
     m_b, u_b, w_b = b
     m = ops.maximum(m_a, m_b)
     e_a = ops.exp(m_a - m)
     e_b = ops.exp(m_b - m)
+    u = u_a * e_a + u_b * e_b
+    if divide:
+        inverse = safe_inverse(u)
+        e_a, e_b = e_a * inverse, e_b * inverse
     # (Indexing, not expand_dims: inside tensorflow's associative_scan in a
     # graph the ranks are unknown.)
-    return m, u_a * e_a + u_b * e_b, w_a * e_a[..., None] + w_b * e_b[..., None]
+    return m, u, w_a * e_a[..., None] + w_b * e_b[..., None]
 
 
 def pack(m, u, w):
@@ -55,11 +80,32 @@ def combine_packed(a, b):
     return pack(*combine(unpack(a), unpack(b)))
 
 
+def enter(state, cast):
+    """`(m, u, w)` cast with `cast` (see `accumulation`), an empty head's m
+    set to the lowest float (the form a scan takes)."""
+    m, u, w = (cast(x) for x in state)
+    neg = lowest(keras.backend.standardize_dtype(m.dtype))
+    return ops.where(u > 0, m, ops.full_like(m, neg)), u, w
+
+
+def leave(outputs, state, dtype):
+    """The results in `dtype`, an empty head's final m as 0."""
+    m, u, w = state
+    results = (outputs, ops.where(u > 0, m, 0.0), u, w)
+    if keras.backend.standardize_dtype(outputs.dtype) != dtype:
+        results = tuple(ops.cast(x, dtype) for x in results)
+    return results[0], results[1:]
+
+
+def safe_inverse(u):
+    """1 / u, 0 where u == 0 (an empty state), with finite gradients."""
+    nonempty = u > 0
+    return ops.where(nonempty, 1.0 / ops.where(nonempty, u, 1.0), 0.0)
+
+
 def safe_divide(w, u):
     """w / u per head, 0 where u == 0 (an empty state), with finite gradients."""
-    nonempty = (u > 0)[..., None]
-    denominator = ops.where(u > 0, u, ops.ones_like(u))[..., None]
-    return ops.where(nonempty, w / denominator, ops.zeros_like(w))
+    return w * safe_inverse(u)[..., None]
 
 
 def aaren_scan(scores, values, initial_state=None, mask=None, reverse=False):
@@ -75,10 +121,8 @@ def aaren_scan(scores, values, initial_state=None, mask=None, reverse=False):
     Returns:
         (outputs (b, t, n, k), (m, u, w) after the last processed step).
     """
-    dtype = keras.backend.standardize_dtype(values.dtype)
-    compute = compute_dtype(dtype)
-    s = ops.cast(scores, compute)
-    v = ops.cast(values, compute)
+    dtype, compute, cast = accumulation(values)
+    s, v = cast(scores), cast(values)
     neg = lowest(compute)
     if mask is None:
         leaves = pack(s, ops.ones_like(s), v)
@@ -92,8 +136,7 @@ def aaren_scan(scores, values, initial_state=None, mask=None, reverse=False):
         first = ops.zeros_like(leaves[:, 0])
         first = pack(first[..., 0] + neg, first[..., 1], first[..., 2:])
     else:
-        m0, u0, w0 = (ops.cast(x, compute) for x in initial_state)
-        first = pack(ops.where(u0 > 0, m0, ops.full_like(m0, neg)), u0, w0)
+        first = pack(*enter(initial_state, cast))
     if values.shape[1] is not None:
         leaves = ops.concatenate([first[:, None], leaves], axis=1)
         states = ops.associative_scan(combine_packed, leaves, axis=1)
@@ -115,10 +158,7 @@ def aaren_scan(scores, values, initial_state=None, mask=None, reverse=False):
     outputs = safe_divide(w, u)
     if reverse:
         outputs = ops.flip(outputs, axis=1)
-    m_t, u_t, w_t = m[:, -1], u[:, -1], w[:, -1]
-    m_t = ops.where(u_t > 0, m_t, ops.zeros_like(m_t))
-    cast = lambda x: ops.cast(x, dtype)  # noqa: E731
-    return cast(outputs), (cast(m_t), cast(u_t), cast(w_t))
+    return leave(outputs, (m[:, -1], u[:, -1], w[:, -1]), dtype)
 
 
 def aaren_step(state, scores, values):
@@ -132,11 +172,6 @@ def aaren_step(state, scores, values):
     Returns:
         `(output, new_state)`: output (b, n, k) = w' / u', and (m', u', w').
     """
-    dtype = keras.backend.standardize_dtype(values.dtype)
-    compute = compute_dtype(dtype)
-    m, u, w = (ops.cast(x, compute) for x in state)
-    s = ops.cast(scores, compute)
-    m = ops.where(u > 0, m, ops.full_like(m, lowest(compute)))
-    m, u, w = combine((m, u, w), (s, ops.ones_like(s), ops.cast(values, compute)))
-    cast = lambda x: ops.cast(x, dtype)  # noqa: E731
-    return cast(safe_divide(w, u)), (cast(m), cast(u), cast(w))
+    dtype, _, cast = accumulation(values)
+    m, u, w = combine(enter(state, cast), (cast(scores), 1.0, cast(values)))
+    return leave(safe_divide(w, u), (m, u, w), dtype)
