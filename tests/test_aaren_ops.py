@@ -24,6 +24,10 @@ FUSED = [
     if name != "reference"
 ]
 ALL = ["reference"] + FUSED
+# The chunked scan's other form of its last merge (`fold`; each backend
+# registers one), tested on every backend too.
+OTHER_FORM = f"chunked(fold={BACKEND != 'torch'})"
+FORMS = ALL + [OTHER_FORM]
 STATE_NAMES = ("m", "u", "w")
 
 
@@ -39,6 +43,13 @@ def _compiled(fn, static=()):
 
 @functools.lru_cache(maxsize=None)
 def _function(name):
+    if name == OTHER_FORM:
+        from keras_attnrnn.ops.aaren_scan import chunked
+
+        return _compiled(
+            functools.partial(chunked.aaren_scan, fold=BACKEND != "torch"),
+            static=("reverse",),
+        )
     return _compiled(
         next(
             impl
@@ -102,7 +113,7 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("implementation", ALL)
+@pytest.mark.parametrize("implementation", FORMS)
 @pytest.mark.parametrize(
     "batch, time, heads, head_dim, masked, initial_state, reverse", CASES
 )
@@ -136,7 +147,7 @@ def test_equals_naive_softmax_attention(
         np.testing.assert_array_equal(state[0][0], np.where(u0[0] > 0, m0[0], 0))
 
 
-@pytest.mark.parametrize("implementation", ALL)
+@pytest.mark.parametrize("implementation", FORMS)
 def test_stability(implementation, rng):
     """One row per hard case: scores 1e3 apart, all -1e4, around +1e4, a
     fully masked row, random holes after a long masked prefix."""
@@ -200,7 +211,7 @@ def _loss(fn, mask, reverse, cotangents):
     return loss
 
 
-@pytest.mark.parametrize("implementation", FUSED)
+@pytest.mark.parametrize("implementation", FUSED + [OTHER_FORM])
 @pytest.mark.parametrize(
     "batch, time, heads, head_dim, masked, reverse",
     [
@@ -230,7 +241,7 @@ def test_gradients_match_reference(
         assert_close(g, e, 1e-5, f"grad of {name}")
 
 
-@pytest.mark.parametrize("implementation", FUSED)
+@pytest.mark.parametrize("implementation", FUSED + [OTHER_FORM])
 def test_gradients_are_finite_in_extreme_cases(implementation, rng):
     scores, values = _inputs(rng, 3, 70, 2, 3)
     scores[0] = -1e4

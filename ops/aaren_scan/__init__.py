@@ -20,7 +20,7 @@ Implementations (all with the signature of `reference.aaren_scan`):
 | `reference` | any | any | `keras.ops.associative_scan` over the (m, u, w) leaves |
 | `jax_chunked` | jax | any | `chunked.py`: exact softmax in blocks of 16 steps, a doubling scan over the blocks |
 | `tensorflow_chunked` | tensorflow | any | the same function, blocks of 32 (and a dynamic time dimension) |
-| `torch_chunked` | torch | any | the same function, blocks of 16 |
+| `torch_chunked` | torch | any | the same function, blocks of 16, the last merge folded into the block matmul (`fold=True`) |
 
 The three chunked names are one `keras.ops` function (`chunked.aaren_scan`)
 with each backend's block size. Block sizes: measured on 2 CPU cores at b=8,

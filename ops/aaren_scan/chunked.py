@@ -31,6 +31,7 @@ from keras_attnrnn.ops.aaren_scan.reference import enter
 from keras_attnrnn.ops.aaren_scan.reference import leave
 from keras_attnrnn.ops.aaren_scan.reference import lowest
 from keras_attnrnn.ops.aaren_scan.reference import safe_divide
+from keras_attnrnn.ops.aaren_scan.reference import safe_inverse
 
 
 def _shift(x, shift, fill):
@@ -86,11 +87,13 @@ def _running_max(m):
     return m
 
 
-def _block_prefix(m, w, valid, low):
-    """Every prefix state inside each block.
+def _block_weights(m, valid, low):
+    """The softmax weights inside each block, unnormalized.
 
-    m: (b, n, N, C) scores (lowest where masked); w: (b, n, N, C, k);
-    valid: (b, 1, N, C) booleans, or None when every step counts.
+    m: (b, n, N, C) scores (lowest where masked); valid: (b, 1, N, C)
+    booleans, or None when every step counts. Returns the running max
+    mloc (b, n, N, C) and weights (b, n, N, C, C) with
+    weights[..., t, i] = exp(s_i - mloc_t) for valid i <= t, else 0.
     """
     chunk = m.shape[-1]
     # The running max only bounds the exponents: a prefix's state has the
@@ -100,19 +103,47 @@ def _block_prefix(m, w, valid, low):
     keep = ops.convert_to_tensor(np.tril(np.ones((chunk, chunk), bool)))
     if valid is not None:
         keep = ops.logical_and(keep, valid[..., None, :])
-    # weights[..., t, i] = exp(s_i - mloc_t) for valid i <= t, else 0.
     logits = m[..., None, :] - m_run[..., None]
-    weights = ops.exp(ops.where(keep, logits, low))
-    return m_run, ops.sum(weights, -1), ops.matmul(weights, w)
+    return m_run, ops.exp(ops.where(keep, logits, low))
 
 
-def _totals(m, u_loc, w_loc):
+def _totals(m, weights, w):
     """Each block's total state: its last prefix, whose bound (the running
     max, a constant) is the block's max m; times e^(sg(m) - m), which is 1
     in value and gives m its derivative (sg: stop_gradient)."""
     m_max = ops.max(m, axis=-1)
     rescale = ops.exp(ops.stop_gradient(m_max) - m_max)
-    return m_max, u_loc[..., -1] * rescale, w_loc[..., -1, :] * rescale[..., None]
+    last = weights[..., -1, :]
+    w_last = ops.matmul(last[..., None, :], w)[..., 0, :]
+    return m_max, ops.sum(last, -1) * rescale, w_last * rescale[..., None]
+
+
+def _outputs(before, m_loc, weights, w, fold):
+    """Every prefix's output: the state before its block `before` (M, U, W)
+    combined with the block's prefix (mloc, uloc, weights @ w) by
+    `combine`, divided by the total u.
+
+    With m = max(M, mloc), a = e^(M - m) / u and b = e^(mloc - m) / u, the
+    output is a W + b (weights @ w). With `fold`, that is one matmul of
+    [b weights, a] by [w; W] and no (C, k)-sized prefix state is formed
+    (faster in eager torch, where each pass over a tensor is a kernel);
+    without, the elementwise form, which XLA fuses into one pass.
+    """
+    m_in, u_in, w_in = before
+    u_loc = ops.sum(weights, -1)
+    if not fold:
+        w_loc = ops.matmul(weights, w)
+        state = (m_in, u_in, w_in[..., None, :])
+        return combine(state, (m_loc, u_loc, w_loc), divide=True)[2]
+    m = ops.maximum(m_in, m_loc)
+    e_in = ops.exp(m_in - m)
+    e_loc = ops.exp(m_loc - m)
+    inverse = safe_inverse(u_in * e_in + u_loc * e_loc)
+    factors = ops.concatenate(
+        [weights * (e_loc * inverse)[..., None], (e_in * inverse)[..., None]],
+        axis=-1,
+    )
+    return ops.matmul(factors, ops.concatenate([w, w_in[..., None, :]], axis=-2))
 
 
 def _one_step(scores, values, initial_state, mask, compute, cast):
@@ -133,9 +164,11 @@ def _one_step(scores, values, initial_state, mask, compute, cast):
 
 
 def aaren_scan(
-    scores, values, initial_state=None, mask=None, reverse=False, chunk=16
+    scores, values, initial_state=None, mask=None, reverse=False, chunk=16,
+    fold=False,
 ):
-    """Same contract as `reference.aaren_scan`; `chunk`: steps per block."""
+    """Same contract as `reference.aaren_scan`; `chunk`: steps per block;
+    `fold`: the last merge as one matmul (see `_outputs`)."""
     dtype, compute, cast = accumulation(values)
     time = values.shape[1]
     if time == 1:
@@ -175,16 +208,14 @@ def aaren_scan(
     w = ops.reshape(w, (batch, heads, -1, chunk, head_dim))
     if valid is not None:
         valid = ops.reshape(valid, (batch, 1, -1, chunk))
-    m_loc, u_loc, w_loc = _block_prefix(m, w, valid, low)
+    m_loc, weights = _block_weights(m, valid, low)
     totals = tuple(
         ops.concatenate([x0[:, :, None], x], axis=2)
-        for x0, x in zip((m0, u0, w0), _totals(m, u_loc, w_loc))
+        for x0, x in zip((m0, u0, w0), _totals(m, weights, w))
     )
     m_c, u_c, w_c = _scan_blocks(totals, neg)
-    # The state before each block combined with the block's prefixes,
-    # divided: the outputs.
-    before = (m_c[:, :, :-1, None], u_c[:, :, :-1, None], w_c[:, :, :-1, None])
-    _, _, outputs = combine(before, (m_loc, u_loc, w_loc), divide=True)
+    before = (m_c[:, :, :-1, None], u_c[:, :, :-1, None], w_c[:, :, :-1])
+    outputs = _outputs(before, m_loc, weights, w, fold)
     outputs = ops.reshape(outputs, (batch, heads, -1, head_dim))[:, :, :steps]
     final = (m_c[:, :, -1], u_c[:, :, -1], w_c[:, :, -1])
     if reverse:
@@ -196,4 +227,4 @@ def aaren_scan(
 # table in __init__.py).
 jax_chunked = functools.partial(aaren_scan, chunk=16)
 tensorflow_chunked = functools.partial(aaren_scan, chunk=32)
-torch_chunked = functools.partial(aaren_scan, chunk=16)
+torch_chunked = functools.partial(aaren_scan, chunk=16, fold=True)
