@@ -27,11 +27,25 @@ def device_kind(tensor):
     return "cpu"
 
 
+def traced():
+    """Is this call being traced into a graph by torch (`torch.export`,
+    `torch.onnx.export`, `torch.compile`, `torch.jit.trace`)? Native kernels
+    (C++ extensions, `autograd.Function`s with Python loops) cannot be
+    captured there: they decline, and a traceable implementation serves the
+    call (so `model.export` picks one itself)."""
+    if keras.config.backend() != "torch":
+        return False
+    import torch
+    import torch.compiler
+
+    return torch.compiler.is_compiling() or torch.jit.is_tracing()
+
+
 def dispatch(op, implementation, reference_tensor, call):
     """Chooses the implementation of `op` for this call and returns its function."""
     backend = keras.config.backend()
     device = device_kind(reference_tensor)
-    call = dict(call, backend=backend, device=device)
+    call = dict(call, backend=backend, device=device, traced=traced())
     return REGISTRY.select(op, backend, device, call, implementation).load()
 
 

@@ -52,6 +52,22 @@ def float_dtype(call):
     return False, f"dtype {call['dtype']} is not a float dtype"
 
 
+def untraced(check):
+    """A `supports` check for native kernels: declines a call that torch is
+    tracing into a graph (export, compile; see `_dispatch.traced`), then
+    asks `check`."""
+
+    def supports(call):
+        if call.get("traced"):
+            return False, (
+                "the call is being traced (export or compile), which cannot "
+                "capture a native kernel"
+            )
+        return check(call)
+
+    return supports
+
+
 def importable(module):
     """An `available` check: `module` (a backend) can be imported."""
 

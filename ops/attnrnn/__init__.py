@@ -29,6 +29,7 @@ from keras_attnrnn.ops.registry import REGISTRY
 from keras_attnrnn.ops.registry import Implementation
 from keras_attnrnn.ops.registry import float_dtype
 from keras_attnrnn.ops.registry import register_drivers
+from keras_attnrnn.ops.registry import untraced
 
 OP = "attnrnn"
 
@@ -171,6 +172,6 @@ REGISTRY.register(
         devices=("cpu",),
         priority=20,
         available=_lazy(_TORCH_CPP, "torch", "available"),
-        supports=_lazy(_TORCH_CPP, "torch", "supports"),
+        supports=untraced(_lazy(_TORCH_CPP, "torch", "supports")),
     )
 )

@@ -34,6 +34,7 @@ from keras_attnrnn.ops.registry import Implementation
 from keras_attnrnn.ops.registry import float_dtype
 from keras_attnrnn.ops.registry import importable
 from keras_attnrnn.ops.registry import register_drivers
+from keras_attnrnn.ops.registry import untraced
 
 OP = "larnn"
 _invalid = _dispatch.invalid
@@ -222,6 +223,6 @@ REGISTRY.register(
         devices=("cpu",),
         priority=10,
         available=importable("torch"),
-        supports=float_dtype,
+        supports=untraced(float_dtype),
     )
 )

@@ -98,7 +98,8 @@ KEY_VALUE_NORMS = (
 
 def positional_size(window):
     """P = 2 * ceil(log2(4 * window)), the number of positional features."""
-    return 2 * (4 * window - 1).bit_length()
+    # (int: a size is a tensor while torch.jit traces a graph.)
+    return 2 * (4 * int(window) - 1).bit_length()
 
 
 def positional_features(window):
