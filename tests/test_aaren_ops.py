@@ -16,6 +16,7 @@ from helpers import assert_close
 from helpers import to_numpy
 from helpers import value_and_grads
 from keras_attnrnn.ops import REGISTRY
+from keras_attnrnn.ops.aaren_scan import chunked
 from keras_attnrnn.ops.aaren_scan import reference
 
 FUSED = [
@@ -26,7 +27,9 @@ FUSED = [
 ALL = ["reference"] + FUSED
 # The chunked scan's other form of its last merge (`fold`; each backend
 # registers one), tested on every backend too.
-OTHER_FORM = f"chunked(fold={BACKEND != 'torch'})"
+_REGISTERED = getattr(chunked, f"{BACKEND}_chunked").keywords
+_OTHER = {**_REGISTERED, "fold": not _REGISTERED.get("fold", False)}
+OTHER_FORM = f"chunked(fold={_OTHER['fold']})"
 FORMS = ALL + [OTHER_FORM]
 STATE_NAMES = ("m", "u", "w")
 
@@ -44,11 +47,8 @@ def _compiled(fn, static=()):
 @functools.lru_cache(maxsize=None)
 def _function(name):
     if name == OTHER_FORM:
-        from keras_attnrnn.ops.aaren_scan import chunked
-
         return _compiled(
-            functools.partial(chunked.aaren_scan, fold=BACKEND != "torch"),
-            static=("reverse",),
+            functools.partial(chunked.aaren_scan, **_OTHER), static=("reverse",)
         )
     return _compiled(
         next(

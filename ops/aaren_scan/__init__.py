@@ -23,7 +23,7 @@ Implementations (all with the signature of `reference.aaren_scan`):
 | `torch_chunked` | torch | any | the same function, blocks of 16, the last merge folded into the block matmul (`fold=True`) |
 
 The three chunked names are one `keras.ops` function (`chunked.aaren_scan`)
-with each backend's block size. Block sizes: measured on 2 CPU cores at b=8,
+with each backend's block size and form of the last merge. Block sizes: measured on 2 CPU cores at b=8,
 t=4096, n=4, k=32, forward and backward (16 beat 64 by 1.5-2.5x on jax and
 torch; tensorflow was flat from 32 to 64). The (C, C) weights of a block
 cost O(t * C) per head against O(t * k) for the values, so small blocks win

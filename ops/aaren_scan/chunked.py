@@ -5,10 +5,11 @@ The steps are cut into blocks of `chunk` steps. Inside a block every prefix
 is exact causal softmax of the fixed query: with mloc_t the running max of
 the block's scores, step i weighs exp(s_i - mloc_t) in prefix t (<= 1, and 1
 for the max, so no 0/0); a (C, C) weight matrix per block and head gives the
-block's prefix states (mloc, uloc, wloc). The block totals, with the initial
-state as an extra leaf in front, go through a doubling scan (one leaf per
-block). The state before each block is then combined with the block's
-prefix states (`reference.combine`), and the output is w / u.
+block's prefix states (mloc, uloc, weights @ w). The block totals, with the
+initial state as an extra leaf in front, go through a doubling scan
+(`reference.combine`, one leaf per block). The state before each block is
+then combined with the block's prefix states, divided by u: the outputs
+(`_outputs`: `combine` elementwise, or folded into the block matmul).
 
 Work and memory O(t * C), no per-step loop, float32 accumulation for 16-bit
 inputs. A single step (streaming) skips the blocks. On tensorflow the time
@@ -107,18 +108,17 @@ def _block_weights(m, valid, low):
     return m_run, ops.exp(ops.where(keep, logits, low))
 
 
-def _totals(m, weights, w):
+def _totals(m, u_loc, weights, w):
     """Each block's total state: its last prefix, whose bound (the running
     max, a constant) is the block's max m; times e^(sg(m) - m), which is 1
     in value and gives m its derivative (sg: stop_gradient)."""
     m_max = ops.max(m, axis=-1)
     rescale = ops.exp(ops.stop_gradient(m_max) - m_max)
-    last = weights[..., -1, :]
-    w_last = ops.matmul(last[..., None, :], w)[..., 0, :]
-    return m_max, ops.sum(last, -1) * rescale, w_last * rescale[..., None]
+    w_last = ops.matmul(weights[..., -1:, :], w)[..., 0, :]
+    return m_max, u_loc[..., -1] * rescale, w_last * rescale[..., None]
 
 
-def _outputs(before, m_loc, weights, w, fold):
+def _outputs(before, m_loc, u_loc, weights, w, fold):
     """Every prefix's output: the state before its block `before` (M, U, W)
     combined with the block's prefix (mloc, uloc, weights @ w) by
     `combine`, divided by the total u.
@@ -130,7 +130,6 @@ def _outputs(before, m_loc, weights, w, fold):
     without, the elementwise form, which XLA fuses into one pass.
     """
     m_in, u_in, w_in = before
-    u_loc = ops.sum(weights, -1)
     if not fold:
         w_loc = ops.matmul(weights, w)
         state = (m_in, u_in, w_in[..., None, :])
@@ -209,13 +208,14 @@ def aaren_scan(
     if valid is not None:
         valid = ops.reshape(valid, (batch, 1, -1, chunk))
     m_loc, weights = _block_weights(m, valid, low)
+    u_loc = ops.sum(weights, -1)
     totals = tuple(
         ops.concatenate([x0[:, :, None], x], axis=2)
-        for x0, x in zip((m0, u0, w0), _totals(m, weights, w))
+        for x0, x in zip((m0, u0, w0), _totals(m, u_loc, weights, w))
     )
     m_c, u_c, w_c = _scan_blocks(totals, neg)
     before = (m_c[:, :, :-1, None], u_c[:, :, :-1, None], w_c[:, :, :-1])
-    outputs = _outputs(before, m_loc, weights, w, fold)
+    outputs = _outputs(before, m_loc, u_loc, weights, w, fold)
     outputs = ops.reshape(outputs, (batch, heads, -1, head_dim))[:, :, :steps]
     final = (m_c[:, :, -1], u_c[:, :, -1], w_c[:, :, -1])
     if reverse:
