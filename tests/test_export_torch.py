@@ -7,9 +7,10 @@ a traceable implementation serves the call, so export needs no setting.
 """
 
 import importlib.util
+import os
+import sys
 
 import keras
-import numpy as np
 import pytest
 
 import keras_attnrnn
@@ -17,12 +18,19 @@ from helpers import BACKEND
 from helpers import assert_close
 from helpers import to_numpy
 
+# The runtimes are called as examples/export_matrix.py (docs/export.md's
+# table) calls them.
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
+from export_matrix import SUFFIX  # noqa: E402
+from export_matrix import _run_artifact  # noqa: E402
+
 pytestmark = pytest.mark.skipif(
     BACKEND != "torch", reason="torch.export runs on the torch backend"
 )
 
 BATCH, TIME, FEATURES = 2, 5, 4
 
+# export_matrix.py's layers, returning every step's output.
 LAYERS = {
     "AttnRNN": lambda: keras_attnrnn.AttnRNN(8, num_heads=2, return_sequences=True),
     "LARNN": lambda: keras_attnrnn.LARNN(8, window=3, num_heads=2, return_sequences=True),
@@ -57,8 +65,6 @@ def _implementation(op, name):
 
 @pytest.mark.parametrize("name", list(LAYERS))
 def test_torch_export_runs_in_torch(name, tmp_path, rng):
-    import torch
-
     from keras_attnrnn import ops as kops
 
     keras.utils.set_random_seed(0)
@@ -74,19 +80,18 @@ def test_torch_export_runs_in_torch(name, tmp_path, rng):
         # The eager call ran the native kernel, unless it could not build.
         available, _ = _implementation(op, native).available()
         assert kops.selected(op) == (native if available else "reference")
-    path = str(tmp_path / "model.pt2")
+    path = str(tmp_path / ("model" + SUFFIX["torch"]))
     spec = keras.InputSpec(shape=(BATCH, TIME, FEATURES), dtype="float32")
     model.export(path, format="torch", verbose=False, input_signature=[spec])
     if name in NATIVE:
         # While torch traced, the native kernel declined.
-        assert kops.selected(NATIVE[name][0]) == "reference"
-    program = torch.export.load(path)
-    got = program.module()(torch.from_numpy(x)).detach().numpy()
+        assert kops.selected(op) == "reference"
+    got = _run_artifact("torch", path, x)
     assert_close(got, expected, 1e-5, f"{name} torch.export")
     # The eager layer afterwards runs its native kernel again.
     if name in NATIVE:
         model(x)
-        assert kops.selected(NATIVE[name][0]) == (native if available else "reference")
+        assert kops.selected(op) == (native if available else "reference")
 
 
 def test_traced_call_declines_native_kernels():
@@ -110,22 +115,6 @@ def test_traced_call_declines_native_kernels():
     assert not ok and "traced" in why
 
 
-def _run_artifact(fmt, path, x):
-    if fmt == "onnx":
-        import onnxruntime
-
-        session = onnxruntime.InferenceSession(path)
-        return session.run(None, {session.get_inputs()[0].name: x})[0]
-    import openvino
-
-    # float32: on CPUs with AMX or AVX-512 BF16 OpenVINO otherwise computes
-    # in bfloat16.
-    compiled = openvino.Core().compile_model(
-        path, "CPU", {"INFERENCE_PRECISION_HINT": "f32"}
-    )
-    return np.asarray(compiled([x])[compiled.outputs[0]])
-
-
 @pytest.mark.parametrize(
     "fmt, name", [(fmt, name) for fmt, names in WORKS.items() for name in names]
 )
@@ -142,7 +131,7 @@ def test_export_runs_in_its_runtime(fmt, name, tmp_path, rng):
     ])
     x = rng.normal(size=(BATCH, TIME, FEATURES)).astype("float32")
     expected = to_numpy(model(x))
-    path = str(tmp_path / ("model.onnx" if fmt == "onnx" else "model.xml"))
+    path = str(tmp_path / ("model" + SUFFIX[fmt]))
     spec = keras.InputSpec(shape=(BATCH, TIME, FEATURES), dtype="float32")
     model.export(path, format=fmt, verbose=False, input_signature=[spec])
     assert_close(_run_artifact(fmt, path, x), expected, 1e-5, f"{name} {fmt}")
