@@ -1,9 +1,22 @@
+import getpass
 import logging
 import os
+import tempfile
 
-import pytest
+# On jax, XLA compiles the same small programs again and again: in each test's
+# fresh layer, in each xdist worker and in each example's or load check's
+# subprocess (which inherit this environment). A persistent compilation cache
+# shared by all of them compiles each program once per machine; the cache key
+# covers the program, the compile options and the jax version. Set before the
+# first import of keras (and so of jax).
+_JAX_CACHE = os.path.join(tempfile.gettempdir(), f"keras_attnrnn_jax_cache_{getpass.getuser()}")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _JAX_CACHE)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
-from helpers import SHARED
+import pytest  # noqa: E402
+
+from helpers import SHARED  # noqa: E402
 
 # The offline datasets of the project machines, unless the caller chose.
 if os.path.isdir(os.path.join(SHARED, "data")):
@@ -33,4 +46,7 @@ def pytest_report_header(config):
     import keras
 
     logging.getLogger("keras_attnrnn.ops").setLevel(logging.INFO)
-    return f"keras {keras.version()}, backend {keras.config.backend()}"
+    header = f"keras {keras.version()}, backend {keras.config.backend()}"
+    if keras.config.backend() == "jax":
+        header += f", jax compilation cache {os.environ['JAX_COMPILATION_CACHE_DIR']}"
+    return header
