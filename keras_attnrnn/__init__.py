@@ -24,6 +24,8 @@ from keras_attnrnn.attnrnn import AttnRNN
 from keras_attnrnn.attnrnn import AttnRNNCell
 from keras_attnrnn.larnn import LARNN
 from keras_attnrnn.larnn import LARNNCell
+from keras_attnrnn.streaming import streaming_initial_state
+from keras_attnrnn.streaming import streaming_step
 
 __version__ = "0.1.0"
 
@@ -37,4 +39,6 @@ __all__ = [
     "LARNNCell",
     "datasets",
     "ops",
+    "streaming_initial_state",
+    "streaming_step",
 ]
