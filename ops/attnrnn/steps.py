@@ -45,8 +45,15 @@ def _head_sums(v, num_heads):
 
 
 def _expand(v, units):
-    """(b, n) -> (b, e): each head's value repeated over its slice."""
-    return ops.repeat(v, units // v.shape[-1], axis=-1)
+    """(b, n) -> (b, e): each head's value repeated over its slice.
+
+    A broadcast product, not `ops.repeat`: torch's ONNX exporter writes
+    `repeat_interleave` as a Reshape that fails in ONNX Runtime for a batch
+    above 1, or gives wrong values where the batch is dynamic.
+    """
+    n = v.shape[-1]
+    ones = ops.ones((units // n,), dtype=v.dtype)
+    return ops.reshape(ops.expand_dims(v, -1) * ones, (-1, units))
 
 
 def prepare(
