@@ -138,6 +138,14 @@ def open_step(fmt, path, output_names):
     raise ValueError(f"Received an invalid value for argument `fmt`: {fmt!r}.")
 
 
+def input_signature(step):
+    """The step's inputs with their batch size, by name: Keras's default
+    signature leaves the batch open, and torch's exporters then trace a
+    batch of 1."""
+    return [{name: keras.InputSpec(shape=tuple(t.shape), dtype=t.dtype, name=name)
+             for name, t in step.input.items()}]
+
+
 def serve(call, sequence, state):
     """Feeds `sequence` (batch, time, features) one token at a time: the
     outputs (batch, time, units), the final state and the seconds per token."""
@@ -229,9 +237,8 @@ def main(argv=None):
             for fmt in [f for f in args.formats.split(",") if f]:
                 path = os.path.join(directory, f"{kind}_step{SUFFIX[fmt]}")
                 try:
-                    # The step's inputs declare their shapes, batch included
-                    # (torch traces the batch size the model declares).
-                    step.export(path, format=fmt, verbose=False)
+                    step.export(path, format=fmt, verbose=False,
+                                input_signature=input_signature(step))
                     call = open_step(fmt, path, sorted(step.output))
                     got, final, seconds = serve(call, sequence, state)
                 except Exception as error:

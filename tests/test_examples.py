@@ -141,3 +141,23 @@ def test_export_matrix_probes_the_backend_native_format(tmp_path):
     assert re.search(rf"\| Aaren \| {fmt} \| {BACKEND} \| yes \| relative error", out), out
     (row,) = read_jsonl(results)
     assert row["works"] and row["format"] == fmt and row["backend"] == BACKEND
+
+
+def test_serve_streaming_agrees_with_keras_token_by_token():
+    """serve_streaming.py exports each model's streaming step in the formats
+    its backend serves every model in, and each artifact, fed one token at a
+    time, gives the layer's outputs for the whole sequence."""
+    formats = {"tensorflow": ["litert", "onnx"], "torch": ["onnx", "torch"],
+               "jax": []}[BACKEND]
+    out = run_example("serve_streaming.py", "--tokens", "8")
+    for model in ("attnrnn", "larnn", "aaren"):
+        # The model's line and the indented lines under it.
+        block = re.search(rf"^{model}: state .*\n((?:  .*\n)*)", out, re.M).group(1)
+        error = float(re.search(r"keras step: 8 tokens, relative error ([0-9.e+-]+)",
+                                block).group(1))
+        assert error <= 1e-5, out
+        for fmt in formats:
+            found = re.search(rf"  {fmt}: (?:8 tokens, relative error ([0-9.e+-]+) .*"
+                              rf"\(agrees\), state shapes constant|skipped)", block)
+            assert found, out
+            assert found.group(1) is None or float(found.group(1)) <= 1e-5, out
