@@ -49,7 +49,8 @@ CELLS = {
 }
 # The cells of docs/export.md's torch table that work, besides "torch".
 WORKS = {
-    "onnx": ["RNN(LARNNCell)", "LARNN", "RNN(AarenCell)", "Aaren"],
+    "onnx": ["RNN(AttnRNNCell)", "AttnRNN", "RNN(LARNNCell)", "LARNN",
+             "RNN(AarenCell)", "Aaren"],
     "openvino": ["RNN(AttnRNNCell)", "AttnRNN", "RNN(LARNNCell)", "LARNN",
                  "RNN(AarenCell)", "Aaren"],
 }
