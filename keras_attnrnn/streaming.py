@@ -114,16 +114,19 @@ def streaming_step(layer, batch_size=None, name=None):
 
     The model exports like any Keras model, `step.export(path,
     format="onnx")` and so on, to a function a runtime calls token by token
-    with named inputs and outputs (docs/export.md, "Streaming"). It runs in
-    inference mode (no dropout).
+    with named inputs and outputs (docs/export.md, "Streaming"). Keras's
+    default export signature leaves the batch size open, and torch's
+    exporters then trace a batch of 1; to keep the batch size, pass
+    `input_signature=[{n: keras.InputSpec(shape=t.shape, dtype=t.dtype,
+    name=n) for n, t in step.input.items()}]`. The model runs in inference
+    mode (no dropout).
 
     Args:
         layer: A built `AttnRNNCell`, `LARNNCell` or `AarenCell`, the fused
             layer of one (`AttnRNN`, `LARNN`, `Aaren`), or a
             `keras.layers.RNN` of one, with `go_backwards=False`.
         batch_size: Positive integer, the batch size the model's inputs
-            declare, or `None` (default) for any. Exports from the torch
-            backend trace one batch size: pass it there.
+            declare, or `None` (default) for any.
         name: String, the model's name. Default: `"<layer name>_step"`.
 
     Returns:
