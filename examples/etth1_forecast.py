@@ -21,16 +21,26 @@ then undone. `--mixer softmax` swaps Aaren for causal softmax attention
 
 Any backend: `KERAS_BACKEND=jax|tensorflow|torch python examples/...`. The data
 is read from `KERAS_ATTNRNN_DATA` (or `--data-dir`), else the Keras cache.
+Each run appends a JSON line to `--results` (default runs/etth1.jsonl) and
+checkpoints after every epoch under `--runs-dir` (default runs/), the best
+epoch's weights in a file: `--resume` continues an interrupted run and skips
+a finished one (docs/results.md, "Resumable runs").
 """
 
 import argparse
+import os
+import sys
 import time
 
 import keras
-import numpy as np
 from keras import ops
 
 import keras_attnrnn
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _experiment import Run  # noqa: E402
+from _experiment import add_run_arguments  # noqa: E402
+from _experiment import run_config  # noqa: E402
 
 CHANNELS = 7
 
@@ -52,9 +62,11 @@ def parse_args(argv=None):
                         help="use every N-th training window")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--results", default="runs/etth1.jsonl")
     parser.add_argument("--quick", action="store_true",
                         help="a smoke test: small model, 1 epoch, every 16th training "
                         "and 4th validation window")
+    add_run_arguments(parser)
     args = parser.parse_args(argv)
     if args.quick:
         args.units, args.blocks, args.epochs = 16, 1, 1
@@ -113,6 +125,10 @@ def build_model(args):
 
 def main(argv=None):
     args = parse_args(argv)
+    run = Run("etth1", f"{args.mixer}-h{args.horizon}-seed{args.seed}", run_config(args),
+              args.runs_dir, args.resume)
+    if run.skip(args.results):
+        return None
     keras.utils.set_random_seed(args.seed)
     print(f"Keras {keras.version()}, backend {keras.config.backend()}")
     (x_train, y_train), (x_val, y_val), (x_test, y_test) = (
@@ -130,18 +146,20 @@ def main(argv=None):
     model = build_model(args)
     model.summary()
     start = time.perf_counter()
-    model.fit(
+    # Early stopping on the validation loss, the best epoch's weights loaded
+    # at the end (EarlyStopping(patience, restore_best_weights=True), kept in
+    # files so that it survives a resume).
+    history = run.fit(
+        model,
         x_train,
         y_train,
         validation_data=(x_val, y_val),
         epochs=args.epochs,
         batch_size=args.batch_size,
         shuffle=True,
-        callbacks=[
-            keras.callbacks.EarlyStopping(
-                monitor="val_loss", patience=args.patience, restore_best_weights=True
-            )
-        ],
+        monitor="val_loss",
+        mode="min",
+        patience=args.patience,
     )
     train_time = time.perf_counter() - start
     mse, mae = model.evaluate(x_test, y_test, batch_size=256, verbose=0)
@@ -149,8 +167,14 @@ def main(argv=None):
         f"{args.mixer}, horizon {args.horizon}: test MSE {mse:.4f}, MAE {mae:.4f} "
         f"(scaled; training {train_time:.0f} s, seed {args.seed})"
     )
+    implementation = None
     if args.mixer == "aaren":
-        print(f"aaren_scan implementation: {keras_attnrnn.ops.selected('aaren_scan')}")
+        implementation = keras_attnrnn.ops.selected("aaren_scan")
+        print(f"aaren_scan implementation: {implementation}")
+    run.record(args.results, experiment="etth1", model=args.mixer, horizon=args.horizon,
+               seed=args.seed, config=run.config, history=history,
+               best_epoch=run.state["best_epoch"], test_mse=float(mse), test_mae=float(mae),
+               implementation=implementation, wall_seconds=run.wall_seconds(), quick=args.quick)
     return mse, mae
 
 

@@ -17,19 +17,25 @@ validation split (our standard pipeline, `imdb_standard.py`, has one).
 §3.1, PyTorch's default initializers, the public code's training loop) to give
 the reference learning curve under the same protocol on the same machine.
 Each run appends a JSON line to `--results` (default
-runs/imdb_paper.jsonl).
+runs/imdb_paper.jsonl). Each run checkpoints after every epoch under
+`--runs-dir` (default runs/): `--resume` continues an interrupted run from
+its last epoch and skips finished ones (docs/results.md, "Resumable runs").
 """
 
 import argparse
+import os
+import random
 import time
 
 import numpy as np
 
 from _experiment import EpochClock
+from _experiment import Run
 from _experiment import StepLoss
 from _experiment import TorchAdam
-from _experiment import history_lists
-from _experiment import record
+from _experiment import stop_if_asked
+from _experiment import add_run_arguments
+from _experiment import run_config
 from _experiment import window_means
 
 
@@ -59,7 +65,7 @@ def encode(data_dir, maxlen, quick):
     return (to_ids(train_texts), train_y), (to_ids(test_texts), test_y), len(vocab)
 
 
-def keras_run(args, seed, data):
+def keras_run(args, seed, data, run):
     import keras
 
     import keras_attnrnn
@@ -96,22 +102,21 @@ def keras_run(args, seed, data):
         metrics=["accuracy"],
     )
     steps = StepLoss()
-    history = model.fit(
-        x_train, y_train, batch_size=128, epochs=args.epochs, shuffle=True,
+    h = run.fit(
+        model, x_train, y_train, batch_size=128, epochs=args.epochs, shuffle=True,
         validation_data=(x_test, y_test),  # the paper's protocol: test each epoch
-        callbacks=[EpochClock(), steps], verbose=2,
+        callbacks=[EpochClock(), steps], step_loss=steps, verbose=2,
     )
-    h = history_lists(history)
     return {
         "test_accuracy": h["val_accuracy"],
         "train_loss": h["loss"],
-        "step_loss_20": steps.means(20),
+        "step_loss_20": window_means(run.step_losses(), 20),
         "epoch_seconds": h["epoch_seconds"],
         "implementation": keras_attnrnn.ops.selected("attnrnn"),
     }
 
 
-def torch_reference_run(args, seed, data):
+def torch_reference_run(args, seed, data, run):
     """A plain-PyTorch port of SPEC §3.1 with PyTorch's default inits."""
     import torch
     import torch.nn.functional as F
@@ -160,7 +165,17 @@ def torch_reference_run(args, seed, data):
     xs, ys = torch.from_numpy(x_test).long(), torch.from_numpy(y_test).long()
     result = {"test_accuracy": [], "train_loss": [], "epoch_seconds": []}
     all_losses = []
-    for epoch in range(args.epochs):
+    if run.done:
+        # The checkpoint: model, optimizer, the RNG states, the curve so far.
+        saved = torch.load(os.path.join(run.dir, run.state["files"][0]), weights_only=False)
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        torch.set_rng_state(saved["torch_rng"])
+        np.random.set_state(saved["numpy_rng"])
+        random.setstate(saved["python_rng"])
+        result, all_losses = saved["result"], saved["all_losses"]
+        run.resumed()
+    for epoch in range(run.done, args.epochs):
         start = time.perf_counter()
         model.train()
         order = torch.randperm(len(xt))
@@ -184,6 +199,21 @@ def torch_reference_run(args, seed, data):
         result["epoch_seconds"].append(time.perf_counter() - start)
         print(f"epoch {epoch + 1}: loss {result['train_loss'][-1]:.4f}, "
               f"test accuracy {result['test_accuracy'][-1]:.4f}", flush=True)
+        name = f"checkpoint-{epoch + 1:04d}.pt"
+        torch.save({
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "epoch": epoch + 1, "torch_rng": torch.get_rng_state(),
+            "numpy_rng": np.random.get_state(), "python_rng": random.getstate(),
+            "result": result, "all_losses": all_losses,
+        }, os.path.join(run.dir, name + ".tmp"))
+        os.replace(os.path.join(run.dir, name + ".tmp"), os.path.join(run.dir, name))
+        run.write_state(
+            epoch + 1,
+            [{"epoch": i + 1, **{k: v[i] for k, v in result.items()}}
+             for i in range(epoch + 1)],
+            None, files=[name],
+        )
+        stop_if_asked(epoch + 1)
     result["step_loss_20"] = window_means(all_losses, 20)
     return result
 
@@ -204,23 +234,28 @@ def main():
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--results", default="runs/imdb_paper.jsonl")
     parser.add_argument("--quick", action="store_true", help="2000/1000 reviews, 1 epoch")
+    add_run_arguments(parser)
     args = parser.parse_args()
     if args.quick:
         args.epochs = 1
     data = encode(args.data_dir, args.maxlen, args.quick)
     print(f"vocabulary: {data[2]} tokens; {len(data[0][0])} train, {len(data[1][0])} test")
     for seed in [int(s) for s in args.seeds.split(",")]:
-        start = time.perf_counter()
-        run = torch_reference_run if args.model == "torch_reference" else keras_run
-        result = run(args, seed, data)
+        run = Run("imdb_paper", f"{args.model}-seed{seed}",
+                  dict(run_config(args, drop=["seeds"]), seed=seed),
+                  args.runs_dir, args.resume)
+        if run.skip(args.results):
+            continue
+        train = torch_reference_run if args.model == "torch_reference" else keras_run
+        result = train(args, seed, data, run)
         print(f"{args.model} seed {seed}: test accuracy per epoch "
               + " ".join(f"{a:.4f}" for a in result["test_accuracy"]))
         extra = {"initialization": args.initialization} if args.model == "attnrnn" else {}
         if args.model != "torch_reference":
             extra["optimizer"] = args.optimizer
-        record(args.results, experiment="imdb_paper", model=args.model, seed=seed, **extra,
-               epochs=args.epochs, quick=args.quick, wall_seconds=time.perf_counter() - start,
-               **result)
+        run.record(args.results, experiment="imdb_paper", model=args.model, seed=seed,
+                   **extra, epochs=args.epochs, quick=args.quick,
+                   wall_seconds=run.wall_seconds(), **result)
 
 
 if __name__ == "__main__":

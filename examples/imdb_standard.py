@@ -12,16 +12,19 @@ end.
     python examples/imdb_standard.py --quick
 
 Each run appends a JSON line to `--results` (default runs/imdb_standard.jsonl).
+Each run checkpoints after every epoch under `--runs-dir` (default runs/),
+the best epoch's weights in a file: `--resume` continues an interrupted run
+and skips finished ones (docs/results.md, "Resumable runs").
 """
 
 import argparse
-import time
 
 import numpy as np
 
 from _experiment import EpochClock
-from _experiment import history_lists
-from _experiment import record
+from _experiment import Run
+from _experiment import add_run_arguments
+from _experiment import run_config
 
 
 def prepare(args):
@@ -98,6 +101,7 @@ def main():
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--results", default="runs/imdb_standard.jsonl")
     parser.add_argument("--quick", action="store_true", help="3000 reviews, 1 epoch")
+    add_run_arguments(parser)
     args = parser.parse_args()
     if args.quick:
         args.epochs, args.maxlen = 1, 64
@@ -107,25 +111,29 @@ def main():
     print(f"{len(train[0])} train, {len(val[0])} validation, {len(test[0])} test reviews")
     for seed in [int(s) for s in args.seeds.split(",")]:
         for name in args.models.split(","):
+            config = dict(run_config(args, drop=["models", "seeds"]), model=name, seed=seed)
+            run = Run("imdb_standard", f"{name}-seed{seed}", config,
+                      args.runs_dir, args.resume)
+            if run.skip(args.results):
+                continue
             keras.utils.set_random_seed(seed)
             model = build(args, name)
-            best = keras.callbacks.EarlyStopping(
-                monitor="val_accuracy", patience=args.epochs, mode="max",
-                restore_best_weights=True,
-            )
-            start = time.perf_counter()
-            history = model.fit(
-                *train, validation_data=val, epochs=args.epochs,
-                batch_size=args.batch_size, callbacks=[best, EpochClock()], verbose=2,
+            # The best validation epoch's weights, kept in a file and loaded
+            # at the end (EarlyStopping(restore_best_weights=True) without
+            # stopping early, but surviving a resume).
+            h = run.fit(
+                model, *train, validation_data=val, epochs=args.epochs,
+                batch_size=args.batch_size, monitor="val_accuracy", mode="max",
+                callbacks=[EpochClock()], verbose=2,
             )
             _, test_accuracy = model.evaluate(*test, batch_size=256, verbose=0)
-            h = history_lists(history)
             print(f"{name} seed {seed}: best validation {max(h['val_accuracy']):.4f} "
                   f"(epoch {int(np.argmax(h['val_accuracy'])) + 1}), test {test_accuracy:.4f}")
-            record(args.results, experiment="imdb_standard", model=name, seed=seed,
-                   config={k: v for k, v in vars(args).items() if k not in ("results", "data_dir")},
-                   history=h, test_accuracy=float(test_accuracy),
-                   wall_seconds=time.perf_counter() - start)
+            run.record(args.results, experiment="imdb_standard", model=name, seed=seed,
+                       config={k: v for k, v in vars(args).items()
+                               if k not in ("results", "data_dir", "runs_dir", "resume")},
+                       history=h, test_accuracy=float(test_accuracy),
+                       wall_seconds=run.wall_seconds())
 
 
 if __name__ == "__main__":

@@ -18,14 +18,25 @@ figure and the whole curve are recorded.
     python examples/synthetic_tasks.py adding --lengths 50,100,200,400
     python examples/synthetic_tasks.py copy --lengths 30,60,90,120
     python examples/synthetic_tasks.py adding --quick
+
+Each run (task, model, length, seed) checkpoints at every evaluation under
+`--runs-dir` (default runs/): the weights with the optimizer's state, the
+batch generator's state, the curve; `--resume` continues an interrupted run
+and skips finished ones (docs/results.md, "Resumable runs").
 """
 
 import argparse
-import time
+import os
 
 import numpy as np
 
-from _experiment import record
+from _experiment import Run
+from _experiment import add_run_arguments
+from _experiment import fingerprint
+from _experiment import rng_state
+from _experiment import run_config
+from _experiment import set_rng_state
+from _experiment import stop_if_asked
 
 
 def adding_batch(rng, n, length):
@@ -99,6 +110,7 @@ def main():
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--results", default=None)
     parser.add_argument("--quick", action="store_true", help="short sequences, 60 steps")
+    add_run_arguments(parser)
     args = parser.parse_args()
     import keras
 
@@ -112,22 +124,45 @@ def main():
     for length in lengths:
         test_x, test_y = make(np.random.default_rng(12345), 1000, length)
         for name in args.models.split(","):
+            config = dict(run_config(args, drop=["models", "lengths"]), model=name,
+                          length=length)
+            run = Run(args.task, f"{name}-T{length}-seed{args.seed}", config,
+                      args.runs_dir, args.resume)
+            if run.skip(results):
+                continue
             keras.utils.set_random_seed(args.seed)
             rng = np.random.default_rng(args.seed)
             model = build(args.task, name, length, args.units)
-            curve, start = [], time.perf_counter()
-            for step in range(1, args.steps + 1):
+            curve = []
+            if run.done:
+                # The last evaluation's checkpoint: the weights with the
+                # optimizer's state (built first, as BackupAndRestore does),
+                # the batch generator, the global RNGs.
+                model.optimizer.build(model.trainable_variables)
+                model.load_weights(os.path.join(run.dir, run.state["files"][0]))
+                set_rng_state(run.state["rng"], model)
+                rng.bit_generator.state = run.state["batch_rng"]
+                if fingerprint(model) != run.state["fingerprint"]:
+                    raise RuntimeError(f"{run.dir}: the restored weights differ")
+                curve = [tuple(point) for point in run.state["curve"]]
+                run.resumed()
+            for step in range(run.done + 1, args.steps + 1):
                 model.train_on_batch(*make(rng, args.batch_size, length))
                 if step % args.eval_every == 0:
                     curve.append((step, evaluate(args.task, model, test_x, test_y, length)))
                     print(f"{args.task} T={length} {name} step {step}: "
                           f"{'MAE' if args.task == 'adding' else 'accuracy'} {curve[-1][1]:.4f}",
                           flush=True)
+                    weights = f"step-{step:06d}.weights.h5"
+                    model.save_weights(os.path.join(run.dir, weights))
+                    run.write_state(step, curve, rng_state(model), fingerprint(model),
+                                    files=[weights], batch_rng=rng.bit_generator.state)
+                    stop_if_asked(len(curve))
             best = better(v for _, v in curve)
-            record(results, experiment=args.task, model=name, length=length, seed=args.seed,
-                   steps=args.steps, batch_size=args.batch_size, curve=curve, best=best,
-                   final=curve[-1][1], wall_seconds=time.perf_counter() - start,
-                   quick=args.quick)
+            run.record(results, experiment=args.task, model=name, length=length,
+                       seed=args.seed, steps=args.steps, batch_size=args.batch_size,
+                       curve=curve, best=best, final=curve[-1][1],
+                       wall_seconds=run.wall_seconds(), quick=args.quick)
 
 
 if __name__ == "__main__":

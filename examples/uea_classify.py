@@ -21,15 +21,26 @@ Each ends in a softmax layer.
 
 Any backend: `KERAS_BACKEND=jax|tensorflow|torch python examples/...`. The data
 is read from `KERAS_ATTNRNN_DATA` (or `--data-dir`), else the Keras cache.
+Each run appends a JSON line to `--results` (default runs/uea.jsonl) and
+checkpoints after every epoch under `--runs-dir` (default runs/), the best
+epoch's weights in a file: `--resume` continues an interrupted run and skips
+a finished one (docs/results.md, "Resumable runs").
 """
 
 import argparse
+import os
+import sys
 import time
 
 import keras
 import numpy as np
 
 import keras_attnrnn
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _experiment import Run  # noqa: E402
+from _experiment import add_run_arguments  # noqa: E402
+from _experiment import run_config  # noqa: E402
 
 DATASETS = ("JapaneseVowels", "BasicMotions")
 MODELS = ("aaren", "larnn", "gru", "lstm")
@@ -50,9 +61,11 @@ def parse_args(argv=None):
     parser.add_argument("--validation-split", type=float, default=0.2)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--results", default="runs/uea.jsonl")
     parser.add_argument("--quick", action="store_true",
                         help="a smoke test: 32 units, 3 epochs (20 on BasicMotions, "
                         "which has 40 training series)")
+    add_run_arguments(parser)
     args = parser.parse_args(argv)
     if args.quick:
         args.units = 32
@@ -99,6 +112,10 @@ def build_model(args, steps, channels, classes):
 
 def main(argv=None):
     args = parse_args(argv)
+    run = Run("uea", f"{args.dataset}-{args.model}-seed{args.seed}", run_config(args),
+              args.runs_dir, args.resume)
+    if run.skip(args.results):
+        return None
     keras.utils.set_random_seed(args.seed)
     print(f"Keras {keras.version()}, backend {keras.config.backend()}")
     (x_train, y_train, m_train), (x_test, y_test, m_test) = (
@@ -119,17 +136,19 @@ def main(argv=None):
     model = build_model(args, steps, channels, len(classes))
     model.summary()
     start = time.perf_counter()
-    model.fit(
+    # Early stopping on the validation loss, the best epoch's weights loaded
+    # at the end (EarlyStopping(patience, restore_best_weights=True), kept in
+    # files so that it survives a resume).
+    history = run.fit(
+        model,
         {"series": x_train, "mask": m_train},
         y_train,
         validation_split=args.validation_split,
         epochs=args.epochs,
         batch_size=args.batch_size,
-        callbacks=[
-            keras.callbacks.EarlyStopping(
-                monitor="val_loss", patience=args.patience, restore_best_weights=True
-            )
-        ],
+        monitor="val_loss",
+        mode="min",
+        patience=args.patience,
     )
     train_time = time.perf_counter() - start
     _, accuracy = model.evaluate(
@@ -139,6 +158,10 @@ def main(argv=None):
         f"{args.model} on {args.dataset}: test accuracy {accuracy:.4f} "
         f"(training {train_time:.0f} s, seed {args.seed})"
     )
+    run.record(args.results, experiment="uea", dataset=args.dataset, model=args.model,
+               seed=args.seed, config=run.config, history=history,
+               best_epoch=run.state["best_epoch"], test_accuracy=float(accuracy),
+               wall_seconds=run.wall_seconds(), quick=args.quick)
     return accuracy
 
 
