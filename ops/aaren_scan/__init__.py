@@ -21,6 +21,7 @@ Implementations (all with the signature of `reference.aaren_scan`):
 | `jax_chunked` | jax | any | `chunked.py`: exact softmax in blocks of 16 steps, a doubling scan over the blocks |
 | `tensorflow_chunked` | tensorflow | any | the same function, blocks of 32 (and a dynamic time dimension) |
 | `torch_chunked` | torch | any | the same function, blocks of 16, the last merge folded into the block matmul (`fold=True`) |
+| `torch_triton` | torch | gpu (CUDA) | Triton kernels, forward and backward (`torch_triton.py`); self-checked against the reference on first use; so far run only in Triton's interpreter (docs/triton.md) |
 
 The three chunked names are one `keras.ops` function (`chunked.aaren_scan`)
 with each backend's block size and form of the last merge. Block sizes: measured on 2 CPU cores at b=8,
@@ -31,10 +32,12 @@ unless a device wants big matrix products.
 """
 
 from keras_attnrnn.ops import _dispatch
+from keras_attnrnn.ops import _triton
 from keras_attnrnn.ops.registry import REGISTRY
 from keras_attnrnn.ops.registry import Implementation
 from keras_attnrnn.ops.registry import float_dtype
 from keras_attnrnn.ops.registry import importable
+from keras_attnrnn.ops.registry import untraced
 
 OP = "aaren_scan"
 
@@ -186,3 +189,34 @@ for _backend in ("jax", "tensorflow", "torch"):
             supports=float_dtype,
         )
     )
+
+
+# The Triton kernel's limit (`torch_triton` reads it from here).
+TRITON_MAX_HEAD_DIM = 256
+_TRITON = "keras_attnrnn.ops.aaren_scan.torch_triton"
+
+
+def _triton_supports(call):
+    if call["dtype"] not in ("float16", "bfloat16", "float32"):
+        return False, f"dtype {call['dtype']} is not float16/bfloat16/float32"
+    if call["head_dim"] is not None and call["head_dim"] > TRITON_MAX_HEAD_DIM:
+        return False, (
+            f"head_dim {call['head_dim']} is above the kernel's "
+            f"{TRITON_MAX_HEAD_DIM}"
+        )
+    return True, ""
+
+
+REGISTRY.register(
+    Implementation(
+        op=OP,
+        name="torch_triton",
+        module=_TRITON,
+        function="aaren_scan",
+        backends=("torch",),
+        devices=("gpu",),
+        priority=20,
+        available=_triton.SelfChecked("aaren_scan/torch_triton", _TRITON),
+        supports=untraced(_triton_supports),
+    )
+)
