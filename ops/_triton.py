@@ -47,6 +47,16 @@ def triton_importable():
     return True, ""
 
 
+def _traced():
+    """Is torch tracing this call (`_dispatch.traced`, without Keras)?"""
+    if importlib.util.find_spec("torch") is None:
+        return False
+    import torch
+    import torch.compiler
+
+    return torch.compiler.is_compiling() or torch.jit.is_tracing()
+
+
 def relative_error(actual, expected):
     """max |actual - expected| / max |expected|, for torch tensors."""
     expected = expected.detach().double()
@@ -75,8 +85,13 @@ def run_self_check(name, check, device, tolerance):
     Returns:
         `(True, "")`, or `(False, reason)`; a decline is logged.
     """
+    import torch
+
     try:
-        errors = check(device)
+        # Whatever context the first call comes in (inference, no_grad),
+        # the check runs the backward too.
+        with torch.inference_mode(False), torch.enable_grad():
+            errors = check(device)
     except Exception as error:  # a compile error, a launch failure, ...
         reason = (
             f"its self-check on {device} failed: {type(error).__name__}: "
@@ -118,6 +133,12 @@ class SelfChecked:
 
     def __call__(self):
         if self._result is None:
+            if _traced():
+                # (Not cached: a later eager call runs the check.)
+                return False, (
+                    "the call is being traced (export or compile), where its "
+                    "self-check cannot run"
+                )
             self._result = self._check()
         return self._result
 

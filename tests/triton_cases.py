@@ -39,6 +39,12 @@ from keras_attnrnn.ops import _dispatch  # noqa: E402
 from keras_attnrnn.ops import _triton  # noqa: E402
 from keras_attnrnn.ops.aaren_scan import reference as aaren_reference  # noqa: E402
 from keras_attnrnn.ops.aaren_scan import torch_triton as aaren_triton  # noqa: E402
+from keras_attnrnn.ops.attnrnn import torch_triton as attnrnn_triton  # noqa: E402
+from test_attnrnn_ops import NAMES as ATTNRNN_NAMES  # noqa: E402
+from test_attnrnn_ops import REFERENCE as ATTNRNN_REFERENCE  # noqa: E402
+from test_attnrnn_ops import _arrays as attnrnn_arrays  # noqa: E402
+from test_attnrnn_ops import _loss as attnrnn_loss  # noqa: E402
+from test_attnrnn_ops import _mask as attnrnn_mask  # noqa: E402
 
 if _triton.interpreted():
     DEVICE = "cpu"
@@ -80,6 +86,7 @@ def launches(monkeypatch):
         monkeypatch.setattr(module, "_launch", spy)
 
     spy_on(aaren_triton)
+    spy_on(attnrnn_triton)
     return names
 
 
@@ -228,9 +235,118 @@ def test_aaren_rejects_a_too_large_head_dim():
         aaren_triton.aaren_scan(torch.zeros((1, 2, 1)), values)
 
 
+# --- AttnRNN -----------------------------------------------------------------
+
+
+@pytest.fixture
+def on_a_gpu(monkeypatch, fresh_checks):
+    """Calls look as if their tensors were on a GPU (the interpreter runs
+    CPU tensors), so the registry offers the Triton implementations."""
+    device_kind = _dispatch.device_kind
+    monkeypatch.setattr(
+        _dispatch, "device_kind",
+        lambda tensor: "gpu" if device_kind(tensor) == "cpu" else device_kind(tensor),
+    )
+
+
+@pytest.mark.parametrize(
+    "batch, time, features, units, heads, masked, reverse",
+    [
+        (1, 1, 12, 12, 3, False, False),
+        (3, 7, 5, 5, 1, True, False),
+        (3, 7, 5, 5, 5, False, True),
+        (3, 7, 6, 10, 5, True, True),
+        (17, 4, 4, 6, 2, True, False),
+    ],
+)
+def test_attnrnn_matches_reference(
+    batch, time, features, units, heads, masked, reverse, rng, on_a_gpu, launches
+):
+    """Through the op's front door (projection, packing, time-major layout):
+    outputs, final state and the gradients of the inputs, the initial state
+    and every weight, against the reference."""
+    args = attnrnn_arrays(rng, batch, time, features, units)
+    mask = attnrnn_mask(rng, batch, time) if masked else None
+    cot_out = rng.normal(size=(batch, time, units)).astype("float32")
+    cot_state = rng.normal(size=(batch, units)).astype("float32")
+
+    def triton_op(*args, **kwargs):
+        return keras_attnrnn.ops.attnrnn(*args, implementation="torch_triton", **kwargs)
+
+    results = []
+    for fn in (ATTNRNN_REFERENCE, triton_op):
+        tensors = [keras.ops.convert_to_tensor(a) for a in args]
+        outputs, state = fn(
+            *tensors[:10],
+            heads,
+            input_kernel=None if len(args) == 10 else tensors[10],
+            input_bias=None if len(args) == 10 else tensors[11],
+            mask=None if mask is None else keras.ops.convert_to_tensor(mask),
+            reverse=reverse,
+        )
+        results.append(
+            (to_numpy(outputs), to_numpy(state))
+            + value_and_grads(
+                attnrnn_loss(fn, heads, mask, reverse, cot_out, cot_state, len(args)),
+                args,
+            )
+        )
+    assert keras_attnrnn.ops.selected("attnrnn") == "torch_triton"
+    assert "_forward_kernel" in launches and "_backward_kernel" in launches
+    (ref_out, ref_state, _, ref_grads), (out, state, _, grads) = results
+    assert_close(out, ref_out, 1e-5, "outputs")
+    assert_close(state, ref_state, 1e-5, "final state")
+    for name, g, e in zip(ATTNRNN_NAMES, grads, ref_grads):
+        assert np.all(np.isfinite(g)), name
+        assert_close(g, e, 1e-5, f"gradient of {name}")
+    if masked and batch > 1:
+        # A fully masked row keeps its initial state.
+        np.testing.assert_array_equal(out[0], np.broadcast_to(args[1][0], out[0].shape))
+
+
+def test_attnrnn_declines_what_it_does_not_cover(on_a_gpu, rng):
+    """Recurrent dropout and too many units are declined with a reason;
+    auto mode then runs the reference."""
+    args = [keras.ops.convert_to_tensor(a) for a in attnrnn_arrays(rng, 2, 3, 4, 4)]
+    dropout = keras.ops.ones((2, 4))
+    with pytest.raises(ValueError, match="torch_triton: recurrent dropout"):
+        keras_attnrnn.ops.attnrnn(
+            *args, 2, recurrent_dropout_mask=dropout, implementation="torch_triton"
+        )
+    keras_attnrnn.ops.attnrnn(*args, 2, recurrent_dropout_mask=dropout)
+    assert keras_attnrnn.ops.selected("attnrnn") == "reference"
+    big = [
+        keras.ops.convert_to_tensor(a)
+        for a in attnrnn_arrays(rng, 1, 1, 4, attnrnn_triton.MAX_UNITS + 2)
+    ]
+    with pytest.raises(ValueError, match=f"torch_triton: units={attnrnn_triton.MAX_UNITS + 2} is above"):
+        keras_attnrnn.ops.attnrnn(
+            *big[:10], 2, input_kernel=big[10], input_bias=big[11],
+            implementation="torch_triton",
+        )
+
+
+def test_attnrnn_layer_trains_on_the_kernels(on_a_gpu, launches, rng):
+    """`keras_attnrnn.AttnRNN` in a model: a training step runs the Triton
+    forward and backward and changes the weights."""
+    x = rng.normal(size=(3, 5, 4)).astype("float32")
+    y = rng.normal(size=(3, 1)).astype("float32")
+    model = keras.Sequential(
+        [keras.Input((5, 4)), keras_attnrnn.AttnRNN(6, num_heads=2), keras.layers.Dense(1)]
+    )
+    model.compile(keras.optimizers.Adam(1e-2), "mse")
+    before = [to_numpy(w) for w in model.trainable_weights]
+    history = model.fit(x, y, epochs=1, batch_size=3, verbose=0)
+    assert np.isfinite(history.history["loss"][0])
+    assert keras_attnrnn.ops.selected("attnrnn") == "torch_triton"
+    assert "_backward_kernel" in launches
+    after = [to_numpy(w) for w in model.trainable_weights]
+    assert all(not np.allclose(a, b) for a, b in zip(before, after))
+
+
 # --- Registration and the self-check ------------------------------------------
 
-OPS = [("aaren_scan", "torch_triton")]
+OPS = [("aaren_scan", "torch_triton"), ("attnrnn", "torch_triton")]
 
 
 @pytest.fixture
@@ -281,14 +397,17 @@ def test_registration_imports_no_kernel(backend):
 @pytest.mark.parametrize("op, name", OPS)
 def test_self_check_passes_here(op, name, fresh_checks, caplog):
     caplog.set_level(logging.INFO, logger="keras_attnrnn.ops")
-    assert _impl(op, name).available() == (True, "")
+    # The first call may come under no_grad (inference): the check still
+    # runs the backward.
+    with torch.no_grad():
+        assert _impl(op, name).available() == (True, "")
     assert "self-check on" in caplog.text and "passed" in caplog.text
 
 
 def _corrupt(fn):
     def corrupted(*args, **kwargs):
         outputs, state = fn(*args, **kwargs)
-        return outputs * 1.001, state
+        return outputs * 1.001, state  # (each op returns (outputs, state))
 
     return corrupted
 
@@ -337,7 +456,11 @@ def test_aaren_selected_on_a_gpu_device(fresh_checks, monkeypatch, launches, rng
     """Through the op's front door: on a "gpu" device (faked here: the
     interpreter runs CPU tensors) auto mode picks the Triton scan, and its
     kernels run forward and backward."""
-    monkeypatch.setattr(_dispatch, "device_kind", lambda tensor: "gpu")
+    device_kind = _dispatch.device_kind
+    monkeypatch.setattr(
+        _dispatch, "device_kind",
+        lambda tensor: "gpu" if device_kind(tensor) == "cpu" else device_kind(tensor),
+    )
     scores, values, mask, _ = _aaren_inputs(rng, 2, 9, 2, 3, True, False)
     tensor = keras.ops.convert_to_tensor
     v = tensor(values)
@@ -361,47 +484,54 @@ def test_aaren_selected_on_a_gpu_device(fresh_checks, monkeypatch, launches, rng
 
 # --- Compiled for a GPU (without one) ----------------------------------------
 
+# The shared memory of one block on sm_90 (H100, H200): 227 KB.
+SM90_SHARED_MEMORY = 232448
 
+
+@pytest.mark.slow
 def test_kernels_compile_for_sm90():
     """Triton compiles every kernel to a cubin for sm_90 (H100/H200) on this
-    machine, in a process without the interpreter: the kernels are valid
-    Triton for the GPU compiler (types, loop-carried values, dot shapes).
+    machine, in a process without the interpreter, at the largest sizes the
+    registry lets through: the kernels are valid Triton for the GPU compiler
+    (types, loop-carried values, dot shapes) and fit in its shared memory.
     Nothing is run."""
     result = run_in_subprocess(
         """
-        import json, os
+        import inspect, json, os
         os.environ.pop("TRITON_INTERPRET", None)
         import triton
         from triton.backends.compiler import GPUTarget
         from triton.compiler import ASTSource
         from keras_attnrnn.ops.aaren_scan import torch_triton as aaren
+        from keras_attnrnn.ops.attnrnn import torch_triton as attnrnn
 
-        def compile(kernel, pointers, ints, constexprs):
-            signature = {name: "*fp32" for name in pointers}
-            signature.update({name: "i32" for name in ints})
-            signature.update({name: "constexpr" for name in constexprs})
-            for name in pointers:
-                if name.startswith("valid"):
-                    signature[name] = "*i8"
-            source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
-            return len(triton.compile(source, target=GPUTarget("cuda", 90, 32)).asm["cubin"])
+        def compile(kernel, meta, ints, floats=()):
+            signature = {}
+            for name in inspect.signature(kernel.fn).parameters:
+                if name.endswith("_ptr"):
+                    signature[name] = "*i8" if name.startswith(("valid", "mask")) else "*fp32"
+                elif name in meta:
+                    signature[name] = "constexpr"
+                else:
+                    signature[name] = "fp32" if name in floats else "i32"
+            source = ASTSource(fn=kernel, signature=signature, constexprs=meta)
+            compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32))
+            assert len(compiled.asm["cubin"]) > 1000
+            return compiled.metadata.shared
 
-        sizes = {}
-        for mask, state in ((True, True), (False, False)):
-            meta = dict(aaren._meta(5, mask, state))
-            sizes[f"aaren forward {mask} {state}"] = compile(
-                aaren._forward_kernel,
-                ["s_ptr", "v_ptr", "valid_ptr", "m0_ptr", "u0_ptr", "w0_ptr",
-                 "o_ptr", "mloc_ptr", "inv_ptr", "m_ptr", "u_ptr", "w_ptr"],
-                ["T", "N", "K"], meta)
-            sizes[f"aaren backward {mask} {state}"] = compile(
-                aaren._backward_kernel,
-                ["s_ptr", "v_ptr", "valid_ptr", "m0_ptr", "u0_ptr", "o_ptr",
-                 "mloc_ptr", "inv_ptr", "m_ptr", "go_ptr", "gu_ptr", "gw_ptr",
-                 "ds_ptr", "dv_ptr", "du0_ptr", "dw0_ptr"],
-                ["T", "N", "K"], meta)
-        print(json.dumps(sizes))
+        shared = {}
+        meta = aaren._meta(aaren.MAX_HEAD_DIM, True, True)
+        for kernel in (aaren._forward_kernel, aaren._backward_kernel):
+            shared[f"aaren {kernel.fn.__name__}"] = compile(kernel, meta, ("T", "N", "K"))
+        meta = attnrnn._meta(attnrnn.MAX_UNITS, 4, True, False)
+        for kernel in (attnrnn._forward_kernel, attnrnn._backward_kernel):
+            shared[f"attnrnn {kernel.fn.__name__}"] = compile(
+                kernel, meta, ("T", "B", "e", "dh"), ("scale", "eps")
+            )
+        print(json.dumps(shared))
         """,
         env={"TRITON_DEFAULT_FP_FUSION": "1"},
     )
-    assert len(result) == 4 and all(size > 1000 for size in result.values()), result
+    assert len(result) == 4, result
+    for kernel, shared in result.items():
+        assert shared <= SM90_SHARED_MEMORY, (kernel, shared)

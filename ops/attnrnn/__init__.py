@@ -12,6 +12,7 @@ a loop driver over the model's one math (`steps.py`), called as
 | `jax_scan` | jax | any | `lax.scan` with the hand-written VJP of `steps.py` |
 | `tensorflow_loop` | tensorflow | any | XLA while loops, the same VJP |
 | `torch_cpp` | torch | cpu | C++ step loops built on first use (`torch_cpp.py`) |
+| `torch_triton` | torch | gpu (CUDA) | persistent Triton kernels, forward and backward (`torch_triton.py`); self-checked against the reference on first use; so far run only in Triton's interpreter (docs/triton.md) |
 
 Without a C++ compiler `torch_cpp` declines, saying why, and torch runs the
 reference (a Python `torch_cpu` copy of the math was 1.25x slower than
@@ -23,6 +24,7 @@ import importlib.util
 from keras import ops
 
 from keras_attnrnn.ops import _dispatch
+from keras_attnrnn.ops import _triton
 from keras_attnrnn.ops import loops
 from keras_attnrnn.ops.attnrnn import steps
 from keras_attnrnn.ops.registry import REGISTRY
@@ -173,5 +175,47 @@ REGISTRY.register(
         priority=20,
         available=_lazy(_TORCH_CPP, "torch", "available"),
         supports=untraced(_lazy(_TORCH_CPP, "torch", "supports")),
+    )
+)
+
+
+# The Triton kernels' limit (`torch_triton` reads it from here): the
+# recurrent weights of one program stay on chip. Compiled for sm_90 (on a
+# CPU, tests/triton_cases.py), units padded to 64 need 78 KB (forward) and
+# 160 KB (backward) of shared memory, 128 would need 287 and 582 KB, above
+# the 227 KB of an H100/H200.
+TRITON_MAX_UNITS = 64
+_TORCH_TRITON = "keras_attnrnn.ops.attnrnn.torch_triton"
+
+
+def _triton_supports(call):
+    if call["recurrent_dropout"]:
+        return False, "recurrent dropout is not fused (the reference serves it)"
+    if call["dtype"] not in ("float16", "bfloat16", "float32"):
+        return False, f"dtype {call['dtype']} is not float16/bfloat16/float32"
+    if call["units"] > TRITON_MAX_UNITS:
+        return False, (
+            f"units={call['units']} is above the kernels' {TRITON_MAX_UNITS} "
+            "(the recurrent weights must stay on chip)"
+        )
+    sizes = (call["time"], call["batch"])
+    if all(isinstance(n, int) for n in sizes) and (
+        sizes[0] * sizes[1] * 2 * call["units"] >= 2**31
+    ):
+        return False, "time * batch * 2 * units is not below 2**31 (32-bit offsets)"
+    return True, ""
+
+
+REGISTRY.register(
+    Implementation(
+        op=OP,
+        name="torch_triton",
+        module=_TORCH_TRITON,
+        function="attnrnn",
+        backends=("torch",),
+        devices=("gpu",),
+        priority=20,
+        available=_triton.SelfChecked("attnrnn/torch_triton", _TORCH_TRITON),
+        supports=untraced(_triton_supports),
     )
 )
