@@ -13,6 +13,10 @@ _JAX_CACHE = os.path.join(tempfile.gettempdir(), f"keras_attnrnn_jax_cache_{getp
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _JAX_CACHE)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+# The example smoke runs checkpoint under runs/ (issue 14): keep them out of the clone.
+os.environ.setdefault(
+    "KERAS_ATTNRNN_RUNS_DIR", tempfile.mkdtemp(prefix="keras_attnrnn_runs_")
+)
 
 import pytest  # noqa: E402
 
