@@ -40,10 +40,9 @@ def _functions():
     ]
 
 
-@pytest.fixture(scope="module")
-def report(tmp_path_factory):
-    """`{function: [(case id, outcome, text)]}` from one run of the cases."""
-    xml = tmp_path_factory.mktemp("triton") / "cases.xml"
+def _run_cases(xml):
+    """Runs triton_cases.py once, its JUnit report in `xml`; the tail of
+    its output."""
     env = dict(os.environ, KERAS_BACKEND="torch")
     if "TRITON_INTERPRET" not in env and not torch.cuda.is_available():
         env["TRITON_INTERPRET"] = "1"
@@ -54,8 +53,25 @@ def report(tmp_path_factory):
         ],
         capture_output=True, text=True, env=env, cwd=REPO, timeout=900,
     )
+    return f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    """`{function: [(case id, outcome, text)]}` from one run of the cases,
+    shared by the xdist workers of this session (the first one runs it)."""
+    from filelock import FileLock  # (a dependency of torch)
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # this session's, common to its workers
+    xml = root / "triton_cases.xml"
+    summary = ""
+    with FileLock(str(xml) + ".lock"):
+        if not xml.exists():
+            summary = _run_cases(xml)
     if not xml.exists():
-        pytest.fail(f"the cases did not run:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+        pytest.fail(f"the cases did not run:\n{summary}")
     outcomes = {}
     for case in ElementTree.parse(xml).iter("testcase"):
         name = case.get("name")
@@ -65,7 +81,7 @@ def report(tmp_path_factory):
                 outcome = child.tag
                 text = (child.get("message") or "") + "\n" + (child.text or "")
         outcomes.setdefault(name.split("[")[0], []).append((name, outcome, text))
-    return outcomes, result.stdout[-3000:]
+    return outcomes, summary
 
 
 @pytest.mark.parametrize("function", _functions())
