@@ -90,6 +90,26 @@ def _loss(fn, num_heads, mask, reverse, cot_out, cot_state, n_args):
     return loss
 
 
+def run_op(fn, args, heads, mask, reverse, cot_out, cot_state):
+    """(outputs, final state, loss, gradients) of the op `fn` on `args`
+    (NumPy arrays; with 12 of them the input projection is fused), the loss
+    being `_loss`'s."""
+    tensors = [keras.ops.convert_to_tensor(a) for a in args]
+    outputs, state = fn(
+        *tensors[:10],
+        heads,
+        input_kernel=None if len(args) == 10 else tensors[10],
+        input_bias=None if len(args) == 10 else tensors[11],
+        mask=None if mask is None else keras.ops.convert_to_tensor(mask),
+        reverse=reverse,
+    )
+    value, grads = value_and_grads(
+        _loss(fn, heads, mask, reverse, cot_out, cot_state, len(args)), args
+    )
+    return (keras.ops.convert_to_numpy(outputs), keras.ops.convert_to_numpy(state),
+            value, grads)
+
+
 CASES = [
     # (batch, time, features, units, heads)
     (1, 1, 12, 12, 3),
@@ -113,28 +133,10 @@ def test_matches_reference(
     cot_state = rng.normal(size=(batch, units)).astype("float32")
     fused = functools.partial(keras_attnrnn.ops.attnrnn, implementation=implementation)
 
-    results = []
-    for fn in (REFERENCE, fused):
-        results.append(
-            value_and_grads(
-                _loss(fn, heads, mask, reverse, cot_out, cot_state, len(args)),
-                args,
-            )
-        )
-        tensors = [keras.ops.convert_to_tensor(a) for a in args]
-        outputs, state = fn(
-            *tensors[:10],
-            heads,
-            input_kernel=None if len(args) == 10 else tensors[10],
-            input_bias=None if len(args) == 10 else tensors[11],
-            mask=None if mask is None else keras.ops.convert_to_tensor(mask),
-            reverse=reverse,
-        )
-        results[-1] += (
-            keras.ops.convert_to_numpy(outputs),
-            keras.ops.convert_to_numpy(state),
-        )
-    (_, ref_grads, ref_out, ref_state), (_, grads, out, state) = results
+    (ref_out, ref_state, _, ref_grads), (out, state, _, grads) = [
+        run_op(fn, args, heads, mask, reverse, cot_out, cot_state)
+        for fn in (REFERENCE, fused)
+    ]
     assert_close(out, ref_out, 1e-5, "outputs")
     assert_close(state, ref_state, 1e-5, "final_state")
     tol, why = 1e-5, ""

@@ -43,8 +43,8 @@ from keras_attnrnn.ops.attnrnn import torch_triton as attnrnn_triton  # noqa: E4
 from test_attnrnn_ops import NAMES as ATTNRNN_NAMES  # noqa: E402
 from test_attnrnn_ops import REFERENCE as ATTNRNN_REFERENCE  # noqa: E402
 from test_attnrnn_ops import _arrays as attnrnn_arrays  # noqa: E402
-from test_attnrnn_ops import _loss as attnrnn_loss  # noqa: E402
 from test_attnrnn_ops import _mask as attnrnn_mask  # noqa: E402
+from test_attnrnn_ops import run_op as run_attnrnn  # noqa: E402
 
 if _triton.interpreted():
     DEVICE = "cpu"
@@ -273,24 +273,10 @@ def test_attnrnn_matches_reference(
     def triton_op(*args, **kwargs):
         return keras_attnrnn.ops.attnrnn(*args, implementation="torch_triton", **kwargs)
 
-    results = []
-    for fn in (ATTNRNN_REFERENCE, triton_op):
-        tensors = [keras.ops.convert_to_tensor(a) for a in args]
-        outputs, state = fn(
-            *tensors[:10],
-            heads,
-            input_kernel=None if len(args) == 10 else tensors[10],
-            input_bias=None if len(args) == 10 else tensors[11],
-            mask=None if mask is None else keras.ops.convert_to_tensor(mask),
-            reverse=reverse,
-        )
-        results.append(
-            (to_numpy(outputs), to_numpy(state))
-            + value_and_grads(
-                attnrnn_loss(fn, heads, mask, reverse, cot_out, cot_state, len(args)),
-                args,
-            )
-        )
+    results = [
+        run_attnrnn(fn, args, heads, mask, reverse, cot_out, cot_state)
+        for fn in (ATTNRNN_REFERENCE, triton_op)
+    ]
     assert keras_attnrnn.ops.selected("attnrnn") == "torch_triton"
     assert "_forward_kernel" in launches and "_backward_kernel" in launches
     (ref_out, ref_state, _, ref_grads), (out, state, _, grads) = results
