@@ -109,6 +109,23 @@ def _step(h, x, wq, wgh, bq, bgh, wo, bo, wga, gamma, beta, ind, ind_t, cols,
 
 
 @triton.jit
+def _weights(hq_ptr, bhq_ptr, wo_ptr, bo_ptr, wga_ptr, gamma_ptr, beta_ptr, k, e, dh,
+             E: tl.constexpr, NH: tl.constexpr):
+    """The step's weights and biases, loaded once per program (both kernels)."""
+    wq = _matrix(hq_ptr, 0, 0, 2 * e, e, e, E, False)
+    wgh = _matrix(hq_ptr, 0, e, 2 * e, e, e, E, False)
+    wo = _matrix(wo_ptr, 0, 0, e, e, e, E, False)
+    wga = _matrix(wga_ptr, 0, 0, e, e, e, E, False)
+    bq = tl.load(bhq_ptr + k, mask=k < e, other=0.0)
+    bgh = tl.load(bhq_ptr + e + k, mask=k < e, other=0.0)
+    bo = tl.load(bo_ptr + k, mask=k < e, other=0.0)
+    gamma = tl.load(gamma_ptr + k, mask=k < e, other=0.0)
+    beta = tl.load(beta_ptr + k, mask=k < e, other=0.0)
+    ind = _heads(e, dh, E, NH)
+    return wq, wgh, wo, wga, bq, bgh, bo, gamma, beta, ind, tl.trans(ind)
+
+
+@triton.jit
 def _forward_kernel(
     x_ptr, h0_ptr, mask_ptr, hq_ptr, bhq_ptr, wo_ptr, bo_ptr, wga_ptr,
     gamma_ptr, beta_ptr, hs_ptr,
@@ -122,17 +139,9 @@ def _forward_kernel(
     cols = (k < e)[None, :]
     ok = row_ok[:, None] & cols
     # The recurrent weights, on chip for the whole loop.
-    wq = _matrix(hq_ptr, 0, 0, 2 * e, e, e, E, False)
-    wgh = _matrix(hq_ptr, 0, e, 2 * e, e, e, E, False)
-    wo = _matrix(wo_ptr, 0, 0, e, e, e, E, False)
-    wga = _matrix(wga_ptr, 0, 0, e, e, e, E, False)
-    bq = tl.load(bhq_ptr + k, mask=k < e, other=0.0)
-    bgh = tl.load(bhq_ptr + e + k, mask=k < e, other=0.0)
-    bo = tl.load(bo_ptr + k, mask=k < e, other=0.0)
-    gamma = tl.load(gamma_ptr + k, mask=k < e, other=0.0)
-    beta = tl.load(beta_ptr + k, mask=k < e, other=0.0)
-    ind = _heads(e, dh, E, NH)
-    ind_t = tl.trans(ind)
+    wq, wgh, wo, wga, bq, bgh, bo, gamma, beta, ind, ind_t = _weights(
+        hq_ptr, bhq_ptr, wo_ptr, bo_ptr, wga_ptr, gamma_ptr, beta_ptr, k, e, dh, E, NH
+    )
     offsets = rows[:, None].to(tl.int64) * e + k[None, :]
     h = tl.load(h0_ptr + offsets, mask=ok, other=0.0)
     for i in range(0, T):
@@ -165,21 +174,13 @@ def _backward_kernel(
     row_ok = rows < B
     cols = (k < e)[None, :]
     ok = row_ok[:, None] & cols
-    wq = _matrix(hq_ptr, 0, 0, 2 * e, e, e, E, False)
-    wgh = _matrix(hq_ptr, 0, e, 2 * e, e, e, E, False)
-    wo = _matrix(wo_ptr, 0, 0, e, e, e, E, False)
-    wga = _matrix(wga_ptr, 0, 0, e, e, e, E, False)
+    wq, wgh, wo, wga, bq, bgh, bo, gamma, beta, ind, ind_t = _weights(
+        hq_ptr, bhq_ptr, wo_ptr, bo_ptr, wga_ptr, gamma_ptr, beta_ptr, k, e, dh, E, NH
+    )
     wq_t = _matrix(hq_ptr, 0, 0, 2 * e, e, e, E, True)
     wgh_t = _matrix(hq_ptr, 0, e, 2 * e, e, e, E, True)
     wo_t = _matrix(wo_ptr, 0, 0, e, e, e, E, True)
     wga_t = _matrix(wga_ptr, 0, 0, e, e, e, E, True)
-    bq = tl.load(bhq_ptr + k, mask=k < e, other=0.0)
-    bgh = tl.load(bhq_ptr + e + k, mask=k < e, other=0.0)
-    bo = tl.load(bo_ptr + k, mask=k < e, other=0.0)
-    gamma = tl.load(gamma_ptr + k, mask=k < e, other=0.0)
-    beta = tl.load(beta_ptr + k, mask=k < e, other=0.0)
-    ind = _heads(e, dh, E, NH)
-    ind_t = tl.trans(ind)
     offsets = rows[:, None].to(tl.int64) * e + k[None, :]
     wide = rows[:, None].to(tl.int64) * (2 * e) + k[None, :]  # rows of (b, 2e)
     carry = tl.load(dlast_ptr + offsets, mask=ok, other=0.0)
