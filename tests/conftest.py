@@ -13,6 +13,15 @@ _JAX_CACHE = os.path.join(tempfile.gettempdir(), f"keras_attnrnn_jax_cache_{getp
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _JAX_CACHE)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+# xdist runs a worker per core, and each worker's (and each of its example
+# subprocesses') torch and TensorFlow thread pools would take every core:
+# oversubscribed pools spin, and two torch IMDB smoke runs side by side took
+# 335 s each instead of 68 s on a 2-core machine. Share the cores instead.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    _THREADS = str(max(1, (os.cpu_count() or 1) // _WORKERS))
+    for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "TF_NUM_INTRAOP_THREADS"):
+        os.environ.setdefault(_var, _THREADS)
 # The example smoke runs checkpoint under runs/ (issue 14): keep them out of the clone.
 os.environ.setdefault(
     "KERAS_ATTNRNN_RUNS_DIR", tempfile.mkdtemp(prefix="keras_attnrnn_runs_")
