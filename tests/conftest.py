@@ -18,9 +18,10 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 # oversubscribed pools spin, and two torch IMDB smoke runs side by side took
 # 335 s each instead of 68 s on a 2-core machine. Share the cores instead.
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-if _WORKERS > 1:
+# Torch only: on tensorflow, a worker that then imported torch crashed.
+if _WORKERS > 1 and os.environ.get("KERAS_BACKEND") == "torch":
     _THREADS = str(max(1, (os.cpu_count() or 1) // _WORKERS))
-    for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "TF_NUM_INTRAOP_THREADS"):
+    for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ.setdefault(_var, _THREADS)
 # The example smoke runs checkpoint under runs/ (issue 14): keep them out of the clone.
 os.environ.setdefault(
