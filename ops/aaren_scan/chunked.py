@@ -194,7 +194,9 @@ def aaren_scan(
     m0, u0, w0 = enter(initial_state, cast)
     batch, heads, steps, head_dim = ops.shape(w)
     chunk = chunk if time is None else min(chunk, time)
-    pad = -(-steps // chunk) * chunk - steps
+    # (Non-negative operands: tf2onnx turns an integer floor division into
+    # ONNX's truncating Div, which differs for negative ones.)
+    pad = (steps + chunk - 1) // chunk * chunk - steps
     if time is None or pad:
         if valid is None:
             valid = ops.ones_like(m[:, :1], dtype="bool")
