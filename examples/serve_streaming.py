@@ -24,6 +24,7 @@ default only the Keras step runs there.
 """
 
 import argparse
+import importlib.util
 import os
 import sys
 import tempfile
@@ -48,14 +49,24 @@ LAYER_TYPES = {
     "aaren": keras_attnrnn.AarenCell,
 }
 # The formats whose artifacts serve every model token by token, by backend
-# (docs/export.md, "Streaming"); the default is the first two.
+# (docs/export.md, "Streaming"), each with the modules it needs to export and
+# to run; the default is the first two.
 FORMATS = {
-    "tensorflow": ["litert", "onnx", "tf_saved_model", "openvino"],
-    "torch": ["onnx", "torch"],
+    "tensorflow": {"litert": ("ai_edge_litert",), "onnx": ("tf2onnx", "onnxruntime"),
+                   "tf_saved_model": (), "openvino": ("openvino",)},
+    "torch": {"onnx": ("onnx", "onnxruntime"), "torch": ()},
     # SavedModel through jax2tf serves LARNN and Aaren; AttnRNN's erf does
     # not load in TensorFlow (docs/export.md). None by default.
-    "jax": [],
+    "jax": {"tf_saved_model": ("tensorflow",)},
 }
+DEFAULT_FORMATS = {"tensorflow": ["litert", "onnx"], "torch": ["onnx", "torch"], "jax": []}
+
+
+def missing_modules(backend, fmt):
+    """The modules `fmt` needs on `backend` that are not installed."""
+    return [m for m in FORMATS[backend].get(fmt, ()) if importlib.util.find_spec(m) is None]
+
+
 SUFFIX = {"tf_saved_model": "", "onnx": ".onnx", "openvino": ".xml", "litert": ".tflite",
           "torch": ".pt2"}
 
@@ -194,7 +205,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", default=",".join(MODELS))
     backend = keras.config.backend()
-    parser.add_argument("--formats", default=",".join(FORMATS[backend][:2]),
+    parser.add_argument("--formats", default=",".join(DEFAULT_FORMATS[backend]),
                         help="comma-separated, of " + ", ".join(SUFFIX))
     parser.add_argument("--load", default=None, help="a .keras file to stream a layer of")
     parser.add_argument("--tokens", type=int, default=32)
@@ -238,6 +249,10 @@ def main(argv=None):
             print(f"  keras step: {args.tokens} tokens, relative error {error:.1e} against the "
                   f"layer on the whole sequence, {seconds * 1e3:.3f} ms/token")
             for fmt in [f for f in args.formats.split(",") if f]:
+                missing = missing_modules(backend, fmt)
+                if missing:
+                    print(f"  {fmt}: skipped (needs {', '.join(missing)}, not installed)")
+                    continue
                 path = os.path.join(directory, f"{kind}_step{SUFFIX[fmt]}")
                 try:
                     step.export(path, format=fmt, verbose=False,

@@ -4,7 +4,6 @@ outputs for the whole sequence, with a state of constant size; exported, it
 does the same in its own runtime (ONNX Runtime, LiteRT, torch.export,
 TensorFlow), called as examples/serve_streaming.py calls it."""
 
-import importlib.util
 import os
 import sys
 
@@ -20,6 +19,7 @@ from helpers import to_numpy
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
 from serve_streaming import SUFFIX  # noqa: E402
 from serve_streaming import input_signature  # noqa: E402
+from serve_streaming import missing_modules  # noqa: E402
 from serve_streaming import open_step  # noqa: E402
 from serve_streaming import serve  # noqa: E402
 
@@ -162,11 +162,11 @@ def test_bad_initial_state_batch_size_raises():
 # The formats whose artifacts serve every model token by token, by backend
 # (docs/export.md, "Streaming"), with what they need installed.
 EXPORTS = {
-    "tensorflow": {"onnx": ("tf2onnx", "onnxruntime"), "litert": ("ai_edge_litert",)},
-    "torch": {"onnx": ("onnx", "onnxruntime"), "torch": ()},
+    "tensorflow": ["onnx", "litert"],
+    "torch": ["onnx", "torch"],
     # jax: SavedModel through jax2tf, for LARNN and Aaren (AttnRNN's erf
     # does not load in TensorFlow 2.21).
-    "jax": {"tf_saved_model": ("tensorflow",)},
+    "jax": ["tf_saved_model"],
 }
 EXPORT_CASES = [
     (name, fmt)
@@ -178,7 +178,7 @@ EXPORT_CASES = [
 
 @pytest.mark.parametrize("name, fmt", EXPORT_CASES)
 def test_exported_step_serves_the_sequence_in_its_runtime(name, fmt, tmp_path):
-    missing = [m for m in EXPORTS[BACKEND][fmt] if importlib.util.find_spec(m) is None]
+    missing = missing_modules(BACKEND, fmt)
     if missing:
         pytest.skip(f"{fmt} needs {', '.join(missing)} (the [export] extra)")
     layer = _layer(name)
