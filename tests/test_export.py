@@ -150,10 +150,11 @@ def test_streaming_aaren_saved_model(exported):
     or importlib.util.find_spec("onnxruntime") is None,
     reason="ONNX export needs tf2onnx and onnxruntime (not dependencies)",
 )
-@pytest.mark.parametrize("kind", ["cell_in_rnn", "aaren"])
+@pytest.mark.parametrize("kind", list(LAYERS))
 def test_onnx_export(kind, tmp_path):
-    """What converts to ONNX: the cell in keras.layers.RNN and Aaren (see
-    docs/getting_started.md for what does not)."""
+    """Every layer converts to ONNX and runs in ONNX Runtime with Keras's
+    outputs: the fused AttnRNN and LARNN trace their loops without XLA for
+    tf2onnx (which cannot convert a call of an XLA-compiled function)."""
     import onnxruntime
 
     model = _model(LAYERS[kind]())
@@ -164,3 +165,31 @@ def test_onnx_export(kind, tmp_path):
     session = onnxruntime.InferenceSession(path)
     got = session.run(None, {session.get_inputs()[0].name: x})[0]
     assert_close(got, expected, 1e-5, f"{kind} ONNX")
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("ai_edge_litert") is None,
+    reason="LiteRT export runs in ai-edge-litert's interpreter (not a dependency)",
+)
+@pytest.mark.parametrize("kind", list(LAYERS))
+def test_litert_export(kind, tmp_path):
+    """Every layer, the fused AttnRNN and LARNN included (their loops give
+    their TensorArrays' element shapes), runs in the LiteRT interpreter with
+    Keras's outputs."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    model = _model(LAYERS[kind]())
+    x = np.random.default_rng(5).normal(size=(3, 7, D)).astype("float32")
+    expected = to_numpy(model(x))
+    # A SavedModel first, for any batch and length: a later trace must not
+    # reuse its loops' general shapes (they made LiteRT need Flex ops).
+    model.export(str(tmp_path / "saved"), format="tf_saved_model", verbose=False)
+    path = str(tmp_path / "model.tflite")
+    model.export(path, format="litert", verbose=False,
+                 input_signature=[keras.InputSpec(shape=x.shape, dtype="float32")])
+    interpreter = Interpreter(model_path=path)
+    interpreter.allocate_tensors()
+    interpreter.set_tensor(interpreter.get_input_details()[0]["index"], x)
+    interpreter.invoke()
+    got = interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
+    assert_close(got, expected, 1e-5, f"{kind} LiteRT")

@@ -9,6 +9,7 @@ unknown.
 """
 
 import functools
+import sys
 
 import tensorflow as tf
 
@@ -24,13 +25,19 @@ def scan(body, carry, xs, reverse):
     first = next(x for x in xs if x is not None)
     n = first.shape[0] if first.shape[0] is not None else tf.shape(first)[0]
     xs_ta = [
-        None if x is None else tf.TensorArray(x.dtype, size=n).unstack(x)
+        None if x is None
+        else tf.TensorArray(x.dtype, size=n, element_shape=x.shape[1:]).unstack(x)
         for x in xs
     ]
     # One step outside the loop gives the structure, dtypes and shapes of ys
     # (its ops are unused and pruned from the compiled graph).
     ys_spec = body(carry, [None if x is None else x[0] for x in xs])[1]
-    ys_ta = [tf.TensorArray(y.dtype, size=n) for y in tf.nest.flatten(ys_spec)]
+    # The element shapes are given: LiteRT's converter otherwise mistakes the
+    # rank of slices inside the loop (a SLICE failure in the interpreter).
+    ys_ta = [
+        tf.TensorArray(y.dtype, size=n, element_shape=y.shape)
+        for y in tf.nest.flatten(ys_spec)
+    ]
 
     def loop(i, carry, ys_ta):
         xs_t = [None if ta is None else ta.read(i) for ta in xs_ta]
@@ -69,20 +76,53 @@ def _backward(model, reverse, config, residuals, w, m, extras, cotangents):
     )
 
 
-@functools.lru_cache(maxsize=None)
-def _compiled(model):
-    """The model's XLA-compiled forward and backward loops (one pair each)."""
+def _compile(model, jit_compile=True):
+    """The model's forward and backward loops, XLA-compiled by default."""
     forward = functools.partial(_forward, model)
     backward = functools.partial(_backward, model)
     return (
-        tf.function(forward, jit_compile=True),
-        tf.function(backward, jit_compile=True),
+        tf.function(forward, jit_compile=jit_compile),
+        tf.function(backward, jit_compile=jit_compile),
     )
+
+
+_compiled = functools.lru_cache(maxsize=None)(_compile)
+
+# The modules whose frames on the stack mean "this trace is for ONNX".
+_ONNX_CONVERTERS = ("tf2onnx", "keras.src.export.onnx")
+
+
+def _tracing_for_onnx():
+    """Whether tf2onnx is tracing this call (Keras's `export(format="onnx")`
+    or tf2onnx's own `from_keras` / `from_function`).
+
+    tf2onnx does not inline a call of an XLA-compiled function: it writes a
+    `PartitionedCall` node, which ONNX does not have. There is no API that
+    says what a trace is for, so the stack is read (module names only).
+    """
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_globals.get("__name__", "").startswith(_ONNX_CONVERTERS):
+            return True
+        frame = frame.f_back
+    return False
 
 
 def run(model, x, state0, w, mask, extras, reverse, config):
     """See `ops/loops/__init__.py`."""
-    forward, backward = _compiled(model)
+    # Eager calls share one pair of functions per model (each shape traced
+    # once). Inside a traced function (Keras's train and predict functions,
+    # every export) a new pair is traced with this call's static shapes: a
+    # shared function would serve a call with the trace of an earlier, more
+    # general shape (`tf.function` dispatches to a supertype), whose unknown
+    # shapes LiteRT's converter can only keep as TensorFlow (Flex) ops.
+    # For ONNX the loops are plain graph functions, which tf2onnx inlines
+    # (measured: XLA halves the time of `fit` and `predict` on the CPU, so it
+    # stays everywhere else).
+    if tf.executing_eagerly():
+        forward, backward = _compiled(model)
+    else:
+        forward, backward = _compile(model, jit_compile=not _tracing_for_onnx())
     names = sorted(w)
     size = len(state0)
     reverse = bool(reverse)
