@@ -104,6 +104,30 @@ def value_and_grads(fn, args):
     return float(to_numpy(value)), out
 
 
+def aaren_scan_loss(fn, mask, reverse, cotangents, with_state=True):
+    """A scalar function of `(scores, values, *initial_state)`: an Aaren
+    scan `fn`'s outputs and final state, each summed against its cotangent
+    (`cotangents`: outputs', then the state's), so that its gradients are
+    the scan's vector-Jacobian product. Without `with_state` the scan starts
+    from its default state and the function takes `(scores, values)`."""
+
+    def loss(scores, values, *state):
+        tensor = keras.ops.convert_to_tensor
+        outputs, final = fn(
+            scores,
+            values,
+            initial_state=tuple(state) if with_state else None,
+            mask=None if mask is None else tensor(mask),
+            reverse=reverse,
+        )
+        total = keras.ops.sum(outputs * tensor(cotangents[0]))
+        for x, c in zip(final, cotangents[1:]):
+            total = total + keras.ops.sum(x * tensor(c))
+        return total
+
+    return loss
+
+
 def layer_value_and_grads(layer, inputs, initial_state=None, cotangents=()):
     """Runs a built `layer` statelessly on NumPy inputs.
 

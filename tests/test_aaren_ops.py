@@ -12,6 +12,7 @@ import pytest
 import aaren_naive
 import keras_attnrnn
 from helpers import BACKEND
+from helpers import aaren_scan_loss
 from helpers import assert_close
 from helpers import to_numpy
 from helpers import value_and_grads
@@ -193,24 +194,6 @@ def _grads(loss, args):
     return float(value), [to_numpy(g) for g in grads]
 
 
-def _loss(fn, mask, reverse, cotangents):
-    def loss(scores, values, m0, u0, w0):
-        tensor = keras.ops.convert_to_tensor
-        outputs, state = fn(
-            scores,
-            values,
-            initial_state=(m0, u0, w0),
-            mask=None if mask is None else tensor(mask),
-            reverse=reverse,
-        )
-        total = keras.ops.sum(outputs * tensor(cotangents[0]))
-        for x, c in zip(state, cotangents[1:]):
-            total = total + keras.ops.sum(x * tensor(c))
-        return total
-
-    return loss
-
-
 @pytest.mark.parametrize("implementation", FUSED + [OTHER_FORM])
 @pytest.mark.parametrize(
     "batch, time, heads, head_dim, masked, reverse",
@@ -233,9 +216,10 @@ def test_gradients_match_reference(
         rng.normal(size=shape).astype("float32")
         for shape in (values.shape, args[2].shape, args[3].shape, args[4].shape)
     ]
-    reference_loss = _loss(reference.aaren_scan, mask, reverse, cotangents)
+    reference_loss = aaren_scan_loss(reference.aaren_scan, mask, reverse, cotangents)
     _, expected = _grads(reference_loss, args)
-    _, grads = _grads(_loss(_function(implementation), mask, reverse, cotangents), args)
+    loss = aaren_scan_loss(_function(implementation), mask, reverse, cotangents)
+    _, grads = _grads(loss, args)
     for name, g, e in zip(("scores", "values", "m0", "u0", "w0"), grads, expected):
         assert np.all(np.isfinite(g)), name
         assert_close(g, e, 1e-5, f"grad of {name}")
@@ -252,7 +236,8 @@ def test_gradients_are_finite_in_extreme_cases(implementation, rng):
     cotangents = [np.ones(values.shape, "float32")] + [
         np.ones(x.shape, "float32") for x in args[2:]
     ]
-    _, grads = _grads(_loss(_function(implementation), mask, False, cotangents), args)
+    loss = aaren_scan_loss(_function(implementation), mask, False, cotangents)
+    _, grads = _grads(loss, args)
     for name, g in zip(("scores", "values", "m0", "u0", "w0"), grads):
         assert np.all(np.isfinite(g)), name
     # Masked steps and the fully masked row get no gradient.

@@ -30,6 +30,7 @@ import numpy as np  # noqa: E402
 
 import aaren_naive  # noqa: E402
 import keras_attnrnn  # noqa: E402
+from helpers import aaren_scan_loss  # noqa: E402
 from helpers import assert_close  # noqa: E402
 from helpers import run_in_subprocess  # noqa: E402
 from helpers import to_numpy  # noqa: E402
@@ -112,24 +113,6 @@ def _aaren_inputs(rng, batch, time, heads, head_dim, masked, state):
     return scores, values, mask, initial
 
 
-def _aaren_loss(fn, mask, reverse, cotangents, with_state):
-    def loss(scores, values, *state):
-        tensor = keras.ops.convert_to_tensor
-        outputs, final = fn(
-            scores,
-            values,
-            initial_state=tuple(state) if with_state else None,
-            mask=None if mask is None else tensor(mask),
-            reverse=reverse,
-        )
-        total = keras.ops.sum(outputs * tensor(cotangents[0]))
-        for x, c in zip(final, cotangents[1:]):
-            total = total + keras.ops.sum(x * tensor(c))
-        return total
-
-    return loss
-
-
 @pytest.mark.parametrize(
     "batch, time, heads, head_dim, masked, state, reverse",
     [
@@ -170,10 +153,10 @@ def test_aaren_matches_reference(
         rng.normal(size=x.shape).astype("float32") for x in results["reference"]
     ]
     _, expected = value_and_grads(
-        _aaren_loss(aaren_reference.aaren_scan, mask, reverse, cotangents, state), args
+        aaren_scan_loss(aaren_reference.aaren_scan, mask, reverse, cotangents, state), args
     )
     _, grads = value_and_grads(
-        _aaren_loss(aaren_triton.aaren_scan, mask, reverse, cotangents, state), args
+        aaren_scan_loss(aaren_triton.aaren_scan, mask, reverse, cotangents, state), args
     )
     assert launches[-1] == "_backward_kernel"
     for what, g, e in zip(("scores", "values", "m0", "u0", "w0"), grads, expected):
