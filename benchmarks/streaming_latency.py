@@ -48,37 +48,20 @@ RUNTIMES = ("onnxruntime", "litert")
 SUFFIX = {"onnxruntime": ".onnx", "litert": ".tflite"}
 FORMAT = {"onnxruntime": "onnx", "litert": "litert"}
 CACHES = ("key_cache", "value_cache")
+EXAMPLES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples")
 
 
 # --- child: NumPy and one runtime only -------------------------------------
 
 def open_runtime(runtime, path):
-    """(call, input names): `call(feed)` runs the artifact, dict to dict."""
-    if runtime == "onnxruntime":
-        import onnxruntime
+    """(call, input names): `call(feed)` runs the artifact, dict to dict,
+    on one thread."""
+    sys.path.insert(0, EXAMPLES)
+    from _runtimes import open_artifact
 
-        options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = 1
-        options.inter_op_num_threads = 1
-        session = onnxruntime.InferenceSession(path, options,
-                                               providers=["CPUExecutionProvider"])
-        names = [o.name for o in session.get_outputs()]
-        inputs = [i.name for i in session.get_inputs()]
-
-        def call(feed):
-            return dict(zip(names, session.run(names, feed)))
-
-        return call, inputs
-    from ai_edge_litert.interpreter import Interpreter
-
-    interpreter = Interpreter(model_path=path, num_threads=1)
-    runner = interpreter.get_signature_runner()
-
-    def call(feed):
-        return runner(**feed)
-
-    call.interpreter = interpreter
-    return call, list(runner.get_input_details())
+    fmt = {"onnxruntime": "onnx", "litert": "litert"}[runtime]
+    call = open_artifact(fmt, path, threads=1)
+    return call, call.inputs
 
 
 def peak_rss_bytes():
@@ -138,8 +121,7 @@ def build_steps(width, heads, features, directory, check_tokens):
 
     import keras_attnrnn
 
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                    "..", "examples"))
+    sys.path.insert(0, EXAMPLES)
     from serve_streaming import input_signature
 
     keras.utils.set_random_seed(0)

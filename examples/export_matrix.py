@@ -23,6 +23,8 @@ import traceback
 import keras
 import numpy as np
 from _experiment import record
+from _runtimes import SUFFIX
+from _runtimes import open_artifact
 
 import keras_attnrnn
 
@@ -45,42 +47,8 @@ FORMATS = {
 
 
 def _run_artifact(fmt, path, x):
-    """The artifact's outputs on `x`, from the format's own runtime."""
-    if fmt == "tf_saved_model":
-        import tensorflow as tf
-
-        loaded = tf.saved_model.load(path)  # kept: its variables die with it
-        return loaded.serve(tf.constant(x)).numpy()
-    if fmt == "onnx":
-        import onnxruntime
-
-        session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
-        return session.run(None, {session.get_inputs()[0].name: x})[0]
-    if fmt == "openvino":
-        import openvino
-
-        # float32 inference: on CPUs with AMX or AVX-512 BF16 OpenVINO
-        # otherwise computes in bfloat16.
-        compiled = openvino.Core().compile_model(path, "CPU",
-                                                 {"INFERENCE_PRECISION_HINT": "f32"})
-        return np.asarray(compiled([x])[compiled.outputs[0]])
-    if fmt == "litert":
-        from ai_edge_litert.interpreter import Interpreter
-
-        interpreter = Interpreter(model_path=path)
-        runner = interpreter.get_signature_runner()
-        outputs = runner(**{runner.get_input_details().popitem()[0]: x})
-        return np.asarray(next(iter(outputs.values())))
-    if fmt == "torch":
-        import torch
-
-        program = torch.export.load(path)
-        return program.module()(torch.from_numpy(x)).detach().numpy()
-    raise ValueError(f"unknown format {fmt!r}")
-
-
-SUFFIX = {"tf_saved_model": "", "onnx": ".onnx", "openvino": ".xml", "litert": ".tflite",
-          "torch": ".pt2"}
+    """The artifact's (first) output on `x`, from the format's own runtime."""
+    return next(iter(open_artifact(fmt, path)(x).values()))
 
 
 def probe(name, fmt, directory):

@@ -34,6 +34,8 @@ import keras
 import numpy as np
 
 import keras_attnrnn
+from _runtimes import SUFFIX
+from _runtimes import open_artifact
 
 MODELS = {
     "attnrnn": lambda units, heads, window: keras_attnrnn.AttnRNN(
@@ -67,89 +69,18 @@ def missing_modules(backend, fmt):
     return [m for m in FORMATS[backend].get(fmt, ()) if importlib.util.find_spec(m) is None]
 
 
-SUFFIX = {"tf_saved_model": "", "onnx": ".onnx", "openvino": ".xml", "litert": ".tflite",
-          "torch": ".pt2"}
-
-
 def open_step(fmt, path, output_names):
-    """A function running the exported step at `path` in its own runtime.
+    """A function running the exported step at `path` in its own runtime
+    (`_runtimes.open_artifact`, one thread).
 
     It takes the dict of NumPy inputs (`"inputs"` and the state by name) and
     returns the dict of NumPy outputs (`"outputs"` and `"new_<state>"`).
     `output_names`: the step's output names in Keras's flattened order
     (sorted), for artifacts that do not keep them (ONNX from torch).
     """
-    if fmt == "litert":
-        from ai_edge_litert.interpreter import Interpreter
-
-        interpreter = Interpreter(model_path=path)
-        runner = interpreter.get_signature_runner()
-
-        def call(feed):
-            return {k: np.asarray(v) for k, v in runner(**feed).items()}
-
-        call.runtime = interpreter  # kept alive with the function
-        return call
-    if fmt == "onnx":
-        import onnxruntime
-
-        options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = 1
-        options.inter_op_num_threads = 1
-        session = onnxruntime.InferenceSession(path, options,
-                                               providers=["CPUExecutionProvider"])
-        names = [o.name for o in session.get_outputs()]
-        inputs = [i.name for i in session.get_inputs()]
-        # ONNX from torch numbers its outputs (in Keras's flattened order)
-        # and drops inputs the step does not read (Aaren's previous output).
-        keys = names if set(names) <= set(output_names) else list(output_names)
-
-        def call(feed):
-            return dict(zip(keys, session.run(names, {k: feed[k] for k in inputs})))
-
-        return call
-    if fmt == "tf_saved_model":
-        import tensorflow as tf
-
-        loaded = tf.saved_model.load(path)
-
-        def call(feed):
-            out = loaded.serve({k: tf.constant(v) for k, v in feed.items()})
-            return {k: v.numpy() for k, v in out.items()}
-
-        call.runtime = loaded
-        return call
-    if fmt == "openvino":
-        import openvino
-
-        # float32 inference: on CPUs with AMX or AVX-512 BF16 OpenVINO
-        # otherwise computes in bfloat16.
-        compiled = openvino.Core().compile_model(
-            path, "CPU", {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": 1})
-        request = compiled.create_infer_request()
-
-        def call(feed):
-            out = {}
-            for port, value in request.infer(feed).items():
-                # Outputs that are one tensor (AttnRNN's output and new
-                # state) come back as one port with every name.
-                for name in port.get_names():
-                    out[name] = np.asarray(value)
-            return out
-
-        return call
-    if fmt == "torch":
-        import torch
-
-        module = torch.export.load(path).module()
-
-        def call(feed):
-            with torch.no_grad():
-                out = module({k: torch.from_numpy(v) for k, v in feed.items()})
-            return {k: v.detach().numpy() for k, v in out.items()}
-
-        return call
-    raise ValueError(f"Received an invalid value for argument `fmt`: {fmt!r}.")
+    # ONNX from torch numbers its outputs (in Keras's flattened order) and
+    # drops inputs the step does not read (Aaren's previous output).
+    return open_artifact(fmt, path, threads=1, output_names=output_names)
 
 
 def input_signature(step):
