@@ -1,12 +1,17 @@
-"""Learning curves of the recorded IMDB runs: test accuracy per epoch.
+"""Plots of the recorded runs: IMDB learning curves, ETTh1 errors by horizon.
 
-Reads the JSON lines that `imdb_paper.py` appends (one per model and seed)
-and draws, per model (and initialization and optimizer, where recorded), the
-mean over its seeds with the min-max band, next to the final accuracies the
-AttnRNN paper reports; beside it, each run's training loss per 20 steps.
+IMDB (`imdb_paper.py`'s JSON lines, one per model and seed): per model (and
+initialization and optimizer, where recorded), the test accuracy per epoch,
+the mean over its seeds with the min-max band, next to the final accuracies
+the AttnRNN paper reports; beside it, each run's training loss per 20 steps.
+
+ETTh1 (`etth1_forecast.py`'s lines): the test MSE and MAE of each mixer by
+horizon (mean over seeds, each seed a dot), with the published Aaren figure
+at horizon 336; beside it, each run's validation MSE per epoch.
 
     python examples/plot_results.py                       # runs/imdb_paper.jsonl
     python examples/plot_results.py --results runs/imdb_paper.jsonl --output docs/img/imdb_paper.png
+    python examples/plot_results.py --results docs/results/etth1.jsonl --output docs/img/etth1.png
 
 Needs matplotlib (`pip install "keras-attnrnn[plots]"`).
 """
@@ -20,6 +25,8 @@ from _experiment import load_records
 
 # Test accuracy the AttnRNN paper reports for its 10-epoch protocol.
 PAPER = {"attnrnn": 0.8016, "gru": 0.7840, "lstm": 0.7744}
+# The Aaren paper's ETTh1 figure (input 96, horizon 336, multivariate).
+PAPER_ETTH1 = {336: {"test_mse": 0.65, "test_mae": 0.55}}
 
 
 def label(record):
@@ -90,12 +97,70 @@ def plot(by_model, output, runs):
     print(f"wrote {output}")
 
 
+def plot_etth1(records, output):
+    """Test MSE and MAE by horizon per mixer; validation MSE per epoch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = collections.defaultdict(list)
+    for r in records:
+        if r.get("experiment") == "etth1" and not r.get("quick"):
+            runs[r["model"]].append(r)
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    colors = {}
+    for mixer, rs in sorted(runs.items()):
+        horizons = sorted({r["horizon"] for r in rs})
+        for axis, metric in zip(axes[:2], ("test_mse", "test_mae")):
+            values = [[r[metric] for r in rs if r["horizon"] == h] for h in horizons]
+            line = axis.plot(horizons, [np.mean(v) for v in values], "-o", ms=4,
+                             color=colors.get(mixer), label=mixer)[0]
+            colors[mixer] = line.get_color()
+            for h, v in zip(horizons, values):
+                axis.plot([h] * len(v), v, ".", color=line.get_color(), alpha=0.5)
+        for r in rs:
+            val = r["history"]["val_loss"]
+            axes[2].plot(np.arange(1, len(val) + 1), val, lw=0.9, color=colors[mixer],
+                         alpha=0.8)
+            axes[2].annotate(str(r["horizon"]), (len(val), val[-1]), fontsize=6,
+                             color=colors[mixer])
+    for axis, metric in zip(axes[:2], ("test_mse", "test_mae")):
+        for h, figures in PAPER_ETTH1.items():
+            axis.plot([h], [figures[metric]], "*", ms=10, color="k",
+                      label="Aaren, the paper's figure")
+        axis.set_xlabel("horizon")
+        axis.set_ylabel(metric.replace("_", " "))
+        axis.set_title("ETTh1, input 96 (mean over seeds; dots: seeds)", fontsize=9)
+        axis.grid(True, alpha=0.3)
+        axis.legend(fontsize=7)
+    axes[2].set_xlabel("epoch (one line per run, labelled by horizon)")
+    axes[2].set_ylabel("validation MSE")
+    axes[2].grid(True, alpha=0.3)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    fig.savefig(output, dpi=120)
+    print(f"wrote {output}")
+    return runs
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--results", default="runs/imdb_paper.jsonl")
     parser.add_argument("--output", default="runs/imdb_paper.png")
     args = parser.parse_args(argv)
-    runs = runs_by_label(load_records(args.results))
+    records = load_records(args.results)
+    if any(r.get("experiment") == "etth1" for r in records):
+        runs = plot_etth1(records, args.output)
+        for mixer, rs in sorted(runs.items()):
+            for r in sorted(rs, key=lambda r: (r["horizon"], r["seed"])):
+                print(f"{mixer} horizon {r['horizon']} seed {r['seed']}: test MSE "
+                      f"{r['test_mse']:.4f}, MAE {r['test_mae']:.4f} (best epoch "
+                      f"{r['best_epoch']})")
+        if not runs:
+            parser.error(f"no full etth1 runs in {args.results}")
+        return
+    runs = runs_by_label(records)
     by_model = curves(runs)
     if not by_model:
         parser.error(f"no full imdb_paper runs in {args.results}")

@@ -100,6 +100,24 @@ def test_plot_results_draws_mean_and_spread_over_seeds(tmp_path):
     assert output.stat().st_size > 10_000
 
 
+def test_plot_results_draws_etth1_by_horizon(tmp_path):
+    pytest.importorskip("matplotlib")
+    results = tmp_path / "etth1.jsonl"
+    with open(results, "w") as f:
+        for mixer, horizon, seed, mse in [("aaren", 96, 1, 0.40), ("aaren", 336, 1, 0.48),
+                                          ("softmax", 96, 1, 0.39), ("aaren", 96, 2, 0.9)]:
+            f.write(json.dumps(dict(
+                experiment="etth1", model=mixer, horizon=horizon, seed=seed,
+                quick=seed == 2, test_mse=mse, test_mae=mse / 2, best_epoch=3,
+                history=dict(val_loss=[1.0, 0.9, 0.8]))) + "\n")
+    output = tmp_path / "etth1.png"
+    out = run_example("plot_results.py", "--results", str(results), "--output", str(output))
+    assert "aaren horizon 336 seed 1: test MSE 0.4800, MAE 0.2400 (best epoch 3)" in out, out
+    assert "softmax horizon 96 seed 1: test MSE 0.3900" in out, out
+    assert "seed 2" not in out, out  # the quick run is left out
+    assert output.stat().st_size > 10_000
+
+
 # torch.optim.Adam's steps, run in a process of its own: torch and TensorFlow
 # in one process can crash (a segfault in torch.optim on the tensorflow
 # backend, seen on this project's machines).
