@@ -102,9 +102,15 @@ def open_artifact(fmt, path, threads=None, output_names=None):
         interpreter = Interpreter(model_path=path, num_threads=threads)
         runner = interpreter.get_signature_runner()
         names = list(runner.get_input_details())
+        # litert-torch names a dict input's entries args_0_<key>.
+        keys = {n: n[len("args_0_"):] if n.startswith("args_0_") else n for n in names}
 
         def call(feed):
-            return {k: np.asarray(v) for k, v in runner(**_feed(feed, names)).items()}
+            if isinstance(feed, dict):
+                feed = {n: feed[k] for n, k in keys.items()}
+            else:
+                feed = _feed(feed, names)
+            return {k: np.asarray(v) for k, v in runner(**feed).items()}
 
         call.runtime = interpreter  # kept alive with the function
     elif fmt == "torch":

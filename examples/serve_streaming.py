@@ -56,12 +56,14 @@ LAYER_TYPES = {
 FORMATS = {
     "tensorflow": {"litert": ("ai_edge_litert",), "onnx": ("tf2onnx", "onnxruntime"),
                    "tf_saved_model": (), "openvino": ("openvino",)},
-    "torch": {"onnx": ("onnx", "onnxruntime"), "torch": ()},
+    "torch": {"onnx": ("onnx", "onnxruntime"), "torch": (),
+              "litert": ("litert_torch", "ai_edge_litert")},
     # SavedModel through jax2tf serves LARNN and Aaren; AttnRNN's erf does
-    # not load in TensorFlow (docs/export.md). None by default.
-    "jax": {"tf_saved_model": ("tensorflow",)},
+    # not load in TensorFlow (docs/export.md).
+    "jax": {"onnx": ("jax2onnx", "onnxruntime"), "tf_saved_model": ("tensorflow",)},
 }
-DEFAULT_FORMATS = {"tensorflow": ["litert", "onnx"], "torch": ["onnx", "torch"], "jax": []}
+DEFAULT_FORMATS = {"tensorflow": ["litert", "onnx"], "torch": ["onnx", "torch"],
+                   "jax": ["onnx"]}
 
 
 def missing_modules(backend, fmt):

@@ -290,3 +290,27 @@ def read_jsonl(path):
     """The records of a JSON-lines file the experiment scripts append to."""
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def export_and_run(make_layer, fmt, folder, rng, batch=2, time=5, features=4):
+    """(artifact's outputs, Keras's) of `Sequential([Input, make_layer(),
+    Dense(2)])` exported to `fmt` in `folder` and run in its own runtime as
+    examples/export_matrix.py runs it (docs/export.md's tables)."""
+    sys.path.insert(0, os.path.join(REPO, "examples"))
+    from export_matrix import SUFFIX
+    from export_matrix import _run_artifact
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([
+        keras.Input((time, features), batch_size=batch),
+        make_layer(),
+        keras.layers.Dense(2),
+    ])
+    x = rng.normal(size=(batch, time, features)).astype("float32")
+    expected = to_numpy(model(x))
+    path = os.path.join(str(folder), "model" + SUFFIX[fmt])
+    # The batch in the signature: Keras's torch exporters otherwise trace a
+    # batch of 1 and specialize to it.
+    spec = keras.InputSpec(shape=(batch, time, features), dtype="float32")
+    model.export(path, format=fmt, verbose=False, input_signature=[spec])
+    return _run_artifact(fmt, path, x), expected

@@ -16,6 +16,7 @@ import pytest
 import keras_attnrnn
 from helpers import BACKEND
 from helpers import assert_close
+from helpers import export_and_run
 from helpers import to_numpy
 
 # The runtimes are called as examples/export_matrix.py (docs/export.md's
@@ -53,8 +54,12 @@ WORKS = {
              "RNN(AarenCell)", "Aaren"],
     "openvino": ["RNN(AttnRNNCell)", "AttnRNN", "RNN(LARNNCell)", "LARNN",
                  "RNN(AarenCell)", "Aaren"],
+    "litert": ["RNN(AttnRNNCell)", "AttnRNN", "RNN(LARNNCell)", "LARNN",
+               "RNN(AarenCell)", "Aaren"],
 }
-RUNTIME = {"onnx": "onnxruntime", "openvino": "openvino"}
+# What each format needs installed to export and to run (not dependencies).
+RUNTIME = {"onnx": ("onnxruntime",), "openvino": ("openvino",),
+           "litert": ("litert_torch", "ai_edge_litert")}
 NATIVE = {"AttnRNN": ("attnrnn", "torch_cpp"), "LARNN": ("larnn", "torch_cpu")}
 
 
@@ -120,19 +125,11 @@ def test_traced_call_declines_native_kernels():
     "fmt, name", [(fmt, name) for fmt, names in WORKS.items() for name in names]
 )
 def test_export_runs_in_its_runtime(fmt, name, tmp_path, rng):
-    """ONNX Runtime and OpenVINO run the exported model with Keras's outputs
-    (onnxruntime and openvino are not dependencies: skipped without)."""
-    if importlib.util.find_spec(RUNTIME[fmt]) is None:
-        pytest.skip(f"{RUNTIME[fmt]} is not installed (not a dependency)")
-    keras.utils.set_random_seed(0)
-    model = keras.Sequential([
-        keras.Input((TIME, FEATURES), batch_size=BATCH),
-        {**LAYERS, **CELLS}[name](),
-        keras.layers.Dense(2),
-    ])
-    x = rng.normal(size=(BATCH, TIME, FEATURES)).astype("float32")
-    expected = to_numpy(model(x))
-    path = str(tmp_path / ("model" + SUFFIX[fmt]))
-    spec = keras.InputSpec(shape=(BATCH, TIME, FEATURES), dtype="float32")
-    model.export(path, format=fmt, verbose=False, input_signature=[spec])
-    assert_close(_run_artifact(fmt, path, x), expected, 1e-5, f"{name} {fmt}")
+    """ONNX Runtime, OpenVINO and LiteRT run the exported model with Keras's
+    outputs (their packages are not dependencies: skipped without)."""
+    missing = [m for m in RUNTIME[fmt] if importlib.util.find_spec(m) is None]
+    if missing:
+        pytest.skip(f"{', '.join(missing)} not installed (not a dependency)")
+    got, expected = export_and_run({**LAYERS, **CELLS}[name], fmt, tmp_path, rng,
+                                   BATCH, TIME, FEATURES)
+    assert_close(got, expected, 1e-5, f"{name} {fmt}")

@@ -52,6 +52,7 @@ steps afterwards (`backward_finish`).
 import math
 import sys
 
+import keras
 import numpy as np
 from keras import ops
 
@@ -609,9 +610,14 @@ def prepare(weights, input_dim, slots):
     }
     positions = None
     if key_kernel.shape[0] > units:
-        positions = ops.convert_to_tensor(
-            positional_features(slots), dtype=key_kernel.dtype
-        )
+        # Cast in NumPy: a float64 constant cast inside the graph made
+        # litert-torch's second conversion in a process fail (a float64
+        # operand where its lifted copy was float32).
+        dtype = keras.backend.standardize_dtype(key_kernel.dtype)
+        table = positional_features(slots)
+        if dtype in ("float32", "float64"):
+            table = table.astype(dtype)
+        positions = ops.convert_to_tensor(table, dtype=dtype)
     for half, kernel in (("key", key_kernel), ("value", value_kernel)):
         bias = weights[f"{half}_bias"]
         constant = ops.ones((slots, 1), dtype=bias.dtype) * bias
