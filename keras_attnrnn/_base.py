@@ -113,6 +113,32 @@ def check_initial_state(cell, initial_state, batch_size):
     return states
 
 
+def weight_initializer(initializer, draw):
+    """`initializer` for one weight: a clone that draws values of its own.
+
+    A Keras random initializer keeps one seed (a default one when none is
+    given) and draws the same values at every call, so one instance used for
+    two weights of one shape gives them equal initial values (an AttnRNN's
+    query and output kernels, a LARNN's or an Aaren's key and value kernels
+    were equal before this). As Keras's `MultiHeadAttention` does for its
+    sublayers, each weight gets a clone built from the config: an unseeded
+    initializer then draws a default seed of its own (from Python's `random`,
+    which `keras.utils.set_random_seed` seeds), and an integer seed is offset
+    by `draw`, the weight's place in its layer, so that a seeded layer stays
+    reproducible and its weights still differ. Initializers without a seed
+    (constants) and plain functions are used as they are.
+    """
+    if not isinstance(initializer, keras.initializers.Initializer):
+        return initializer
+    config = initializer.get_config()
+    seed = config.get("seed")
+    if "seed" not in config or not (seed is None or isinstance(seed, int)):
+        return initializer  # no draws, or a SeedGenerator, which advances itself
+    if seed is not None:
+        config["seed"] = seed + draw
+    return initializer.__class__.from_config(config)
+
+
 def pytorch_linear_bias(fan_in, seed=None):
     """PyTorch's `Linear` bias initialization: uniform in ±1/sqrt(fan_in)."""
     limit = 1.0 / fan_in**0.5

@@ -155,7 +155,9 @@ class AarenCell(keras.layers.Layer, _base.DropoutMasks):
         return self.add_weight(
             name=name,
             shape=shape,
-            initializer=getattr(self, f"{group}_initializer"),
+            initializer=_base.weight_initializer(
+                getattr(self, f"{group}_initializer"), len(self.weights)
+            ),
             regularizer=getattr(self, f"{group}_regularizer"),
             constraint=getattr(self, f"{group}_constraint"),
         )
@@ -531,11 +533,21 @@ class AarenBlock(keras.layers.Layer):
         self.seed = seed
         self.supports_masking = True
         policy = self.dtype_policy
-        dense = dict(
-            kernel_initializer=self.kernel_initializer,
-            bias_initializer=self.bias_initializer,
-            dtype=policy,
-        )
+
+        def dense(draw):
+            # Each sublayer its own clones of the initializers (see
+            # `_base.weight_initializer`): one instance would draw the same
+            # values, reshaped, for the two feedforward kernels.
+            return dict(
+                kernel_initializer=_base.weight_initializer(
+                    self.kernel_initializer, draw
+                ),
+                bias_initializer=_base.weight_initializer(
+                    self.bias_initializer, draw
+                ),
+                dtype=policy,
+            )
+
         self.aaren = Aaren(
             units,
             num_heads=num_heads,
@@ -545,7 +557,7 @@ class AarenBlock(keras.layers.Layer):
             stateful=stateful,
             implementation=implementation,
             name="aaren",
-            **dense,
+            **dense(0),
         )
         self.attention_norm = keras.layers.LayerNormalization(
             epsilon=self.layer_norm_epsilon, dtype=policy, name="attention_norm"
@@ -557,10 +569,10 @@ class AarenBlock(keras.layers.Layer):
             self.intermediate_dim,
             activation=self.activation,
             name="intermediate_dense",
-            **dense,
+            **dense(100),
         )
         self.output_dense = keras.layers.Dense(
-            units, name="output_dense", **dense
+            units, name="output_dense", **dense(200)
         )
         self.feedforward_dropout = keras.layers.Dropout(
             self.dropout, seed=seed, dtype=policy, name="feedforward_dropout"

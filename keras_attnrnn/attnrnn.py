@@ -230,7 +230,7 @@ class AttnRNNCell(keras.layers.Layer, _base.DropoutMasks):
         return self.add_weight(
             name=name,
             shape=shape,
-            initializer=initializer,
+            initializer=_base.weight_initializer(initializer, len(self.weights)),
             regularizer=getattr(self, f"{group}_regularizer"),
             constraint=getattr(self, f"{group}_constraint"),
         )

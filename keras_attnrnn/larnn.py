@@ -238,8 +238,10 @@ class LARNNCell(keras.layers.Layer, _base.DropoutMasks):
         return self.add_weight(
             name=name,
             shape=shape,
-            initializer=initializer
-            or getattr(self, f"{group}_initializer"),
+            initializer=_base.weight_initializer(
+                initializer or getattr(self, f"{group}_initializer"),
+                len(self.weights),
+            ),
             regularizer=getattr(self, f"{group}_regularizer"),
             constraint=getattr(self, f"{group}_constraint"),
         )
