@@ -65,6 +65,35 @@ def encode(data_dir, maxlen, quick):
     return (to_ids(train_texts), train_y), (to_ids(test_texts), test_y), len(vocab)
 
 
+def keras_model(kind, vocab_size, units, maxlen, initialization="reference"):
+    """The Keras model of the protocol: N(0, 1) embeddings, the recurrent
+    layer (`attnrnn` with `initialization`, `gru`, `lstm`), a 2-logit head
+    with PyTorch's `Linear` initialization."""
+    import keras
+
+    import keras_attnrnn
+
+    torch_linear = keras.initializers.VarianceScaling(1 / 3, "fan_in", "uniform")
+    recurrent = {
+        "attnrnn": lambda: keras_attnrnn.AttnRNN(units, initialization=initialization),
+        "gru": lambda: keras.layers.GRU(units),
+        "lstm": lambda: keras.layers.LSTM(units),
+    }[kind]()
+    return keras.Sequential([
+        keras.Input((maxlen,), dtype="int32"),
+        keras.layers.Embedding(
+            vocab_size, units,
+            embeddings_initializer=keras.initializers.RandomNormal(stddev=1.0),
+        ),
+        recurrent,
+        keras.layers.Dense(
+            2,
+            kernel_initializer=torch_linear,
+            bias_initializer=keras.initializers.RandomUniform(-units**-0.5, units**-0.5),
+        ),
+    ])
+
+
 def keras_run(args, seed, data, run):
     import keras
 
@@ -72,29 +101,7 @@ def keras_run(args, seed, data, run):
 
     (x_train, y_train), (x_test, y_test), vocab_size = data
     keras.utils.set_random_seed(seed)
-    torch_linear = lambda: keras.initializers.VarianceScaling(1 / 3, "fan_in", "uniform")  # noqa
-    recurrent = {
-        "attnrnn": lambda: keras_attnrnn.AttnRNN(
-            args.units, initialization=args.initialization
-        ),
-        "gru": lambda: keras.layers.GRU(args.units),
-        "lstm": lambda: keras.layers.LSTM(args.units),
-    }[args.model]()
-    model = keras.Sequential([
-        keras.Input((args.maxlen,), dtype="int32"),
-        keras.layers.Embedding(
-            vocab_size, args.units,
-            embeddings_initializer=keras.initializers.RandomNormal(stddev=1.0),
-        ),
-        recurrent,
-        keras.layers.Dense(
-            2,
-            kernel_initializer=torch_linear(),
-            bias_initializer=keras.initializers.RandomUniform(
-                -args.units**-0.5, args.units**-0.5
-            ),
-        ),
-    ])
+    model = keras_model(args.model, vocab_size, args.units, args.maxlen, args.initialization)
     adam = TorchAdam if args.optimizer == "torch_adam" else keras.optimizers.Adam
     model.compile(
         adam(1e-3, epsilon=1e-8),
@@ -116,16 +123,13 @@ def keras_run(args, seed, data, run):
     }
 
 
-def torch_reference_run(args, seed, data, run):
-    """A plain-PyTorch port of SPEC §3.1 with PyTorch's default inits."""
+def torch_reference_model(vocab_size, units, heads=4):
+    """The plain-PyTorch port of SPEC §3.1 (the public code's model) with
+    PyTorch's default initializers: embedding, the cell over every step from
+    h0 = 0.001, a 2-logit head on the last state."""
     import torch
     import torch.nn.functional as F
     from torch import nn
-
-    (x_train, y_train), (x_test, y_test), vocab_size = data
-    torch.manual_seed(seed)
-    np.random.seed(seed)
-    units, heads = args.units, 4
 
     class Cell(nn.Module):
         def __init__(self):
@@ -159,7 +163,18 @@ def torch_reference_run(args, seed, data, run):
                 h = self.cell(h, x[:, t])
             return self.fc(h)
 
-    model = Model()
+    return Model()
+
+
+def torch_reference_run(args, seed, data, run):
+    """Trains `torch_reference_model` with the public code's loop."""
+    import torch
+    import torch.nn.functional as F
+
+    (x_train, y_train), (x_test, y_test), vocab_size = data
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    model = torch_reference_model(vocab_size, args.units)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     xt, yt = torch.from_numpy(x_train).long(), torch.from_numpy(y_train).long()
     xs, ys = torch.from_numpy(x_test).long(), torch.from_numpy(y_test).long()

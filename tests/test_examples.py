@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 
+import numpy as np
 import pytest
 
 from helpers import BACKEND
@@ -24,6 +25,22 @@ def test_imdb_quick(tmp_path):
     assert 0.62 < accuracy <= 1.0, out[-2000:]
     assert "reloaded predictions match: True" in out
     assert os.path.exists(tmp_path / "imdb.keras")
+
+
+@pytest.mark.skipif(BACKEND != "jax", reason="imdb_twin.py takes its gradients with jax")
+def test_imdb_twin_trains_the_reference_and_the_port_alike(tmp_path):
+    """The PyTorch reference and the Keras port from the same weights: the
+    same first-batch loss and gradients, the same losses for 10 steps."""
+    results = tmp_path / "twin.jsonl"
+    run_example("imdb_twin.py", "--quick", "--results", str(results))
+    (row,) = read_jsonl(results)
+    loss = row["first_batch_loss"]
+    assert abs(loss["keras"] - loss["torch"]) < 1e-5 * loss["torch"], loss
+    gradients = row["first_batch_gradient_difference"]
+    assert len(gradients) == 11 and max(gradients.values()) < 1e-4, gradients
+    keras_losses, torch_losses = row["losses"]["keras"], row["losses"]["torch"]
+    assert len(keras_losses) == len(torch_losses) == 10
+    np.testing.assert_allclose(keras_losses, torch_losses, rtol=1e-3)
 
 
 @pytest.mark.slow
@@ -142,7 +159,6 @@ def test_torch_adam_is_pytorch_adam(tmp_path):
     import sys
 
     import keras
-    import numpy as np
 
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
     from _experiment import TorchAdam
