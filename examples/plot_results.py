@@ -12,6 +12,10 @@ at horizon 336; beside it, each run's validation MSE per epoch.
     python examples/plot_results.py                       # runs/imdb_paper.jsonl
     python examples/plot_results.py --results runs/imdb_paper.jsonl --output docs/img/imdb_paper.png
     python examples/plot_results.py --results docs/results/etth1.jsonl --output docs/img/etth1.png
+    python examples/plot_results.py --results docs/results/imdb_twin.jsonl --output docs/img/imdb_twin.png
+
+imdb_twin (`imdb_twin.py`'s lines): per run, both sides' training loss
+(mean of 20 steps) and how far apart their weights are.
 
 Needs matplotlib (`pip install "keras-attnrnn[plots]"`).
 """
@@ -22,6 +26,7 @@ import os
 
 import numpy as np
 from _experiment import load_records
+from _experiment import window_means
 
 # Test accuracy the AttnRNN paper reports for its 10-epoch protocol.
 PAPER = {"attnrnn": 0.8016, "gru": 0.7840, "lstm": 0.7744}
@@ -32,6 +37,10 @@ PAPER_ETTH1 = {336: {"test_mse": 0.65, "test_mae": 0.55}}
 def label(record):
     """The model, with its initialization and optimizer where recorded."""
     extra = [f"{record['initialization']} init"] if record.get("initialization") else []
+    if record.get("initial_draws") == "shared":
+        # Before 1b2cfba: one initializer instance drew equal query and
+        # output kernels (docs/attnrnn.md, "Initialization").
+        extra.append("equal q/o kernels")
     if record.get("optimizer", "adam") != "adam":
         extra.append(record["optimizer"])
     return record["model"] + (f" ({', '.join(extra)})" if extra else "")
@@ -144,12 +153,52 @@ def plot_etth1(records, output):
     return runs
 
 
+def plot_twin(records, output):
+    """Both sides' training loss per 20 steps, and their weights' distance."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [r for r in records if r.get("experiment") == "imdb_twin" and not r.get("quick")]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for r, style in zip(runs, ("-", "--", ":", "-.")):
+        what = f"seed {r['seed']}, {r['init']}'s draws"
+        for side, color in (("torch", "C4"), ("keras", "C1")):
+            loss = window_means(r["losses"][side], 20)
+            axes[0].plot(20 * np.arange(1, len(loss) + 1), loss, style, color=color,
+                         label=f"{'PyTorch' if side == 'torch' else 'Keras'}, {what}")
+        steps, apart = zip(*r["weight_difference"])
+        axes[1].plot(steps, apart, style, color="k", label=what)
+    axes[0].set_xlabel("training step")
+    axes[0].set_ylabel("training loss, mean of 20 steps")
+    axes[0].set_title("the reference and the port from the same weights and batches",
+                      fontsize=9)
+    axes[1].set_xlabel("training step")
+    axes[1].set_ylabel("max |Keras - PyTorch| / max |PyTorch - initial|")
+    axes[1].set_title("how far apart the weights are (1: as far as they moved)", fontsize=9)
+    for axis in axes:
+        axis.grid(True, alpha=0.3)
+        axis.legend(fontsize=7)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    fig.savefig(output, dpi=120)
+    print(f"wrote {output}")
+    return runs
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--results", default="runs/imdb_paper.jsonl")
     parser.add_argument("--output", default="runs/imdb_paper.png")
     args = parser.parse_args(argv)
     records = load_records(args.results)
+    if any(r.get("experiment") == "imdb_twin" for r in records):
+        for r in plot_twin(records, args.output):
+            print(f"seed {r['seed']}, {r['init']}'s draws: final loss (mean of 20) Keras "
+                  f"{np.mean(r['losses']['keras'][-20:]):.4f}, PyTorch "
+                  f"{np.mean(r['losses']['torch'][-20:]):.4f}")
+        return
     if any(r.get("experiment") == "etth1" for r in records):
         runs = plot_etth1(records, args.output)
         for mixer, rs in sorted(runs.items()):

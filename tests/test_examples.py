@@ -117,6 +117,19 @@ def test_plot_results_draws_mean_and_spread_over_seeds(tmp_path):
     assert output.stat().st_size > 10_000
 
 
+def test_plot_results_draws_the_twin_runs(tmp_path):
+    pytest.importorskip("matplotlib")
+    results = tmp_path / "twin.jsonl"
+    losses = {"keras": [0.7] * 30 + [0.5] * 10, "torch": [0.7] * 20 + [0.4] * 20}
+    with open(results, "w") as f:
+        f.write(json.dumps(dict(experiment="imdb_twin", seed=3, init="torch", quick=False,
+                                losses=losses, weight_difference=[[20, 0.1], [40, 0.9]])) + "\n")
+    output = tmp_path / "twin.png"
+    out = run_example("plot_results.py", "--results", str(results), "--output", str(output))
+    assert "seed 3, torch's draws: final loss (mean of 20) Keras 0.6000, PyTorch 0.4000" in out
+    assert output.stat().st_size > 10_000
+
+
 def test_plot_results_draws_etth1_by_horizon(tmp_path):
     pytest.importorskip("matplotlib")
     results = tmp_path / "etth1.jsonl"
