@@ -247,14 +247,20 @@ class LARNNCell(keras.layers.Layer, _base.DropoutMasks):
         )
 
     def _gate_bias_initializer(self, shape, dtype=None):
+        # Two clones for the two drawn parts (`_base.weight_initializer`):
+        # one instance would draw the same values at the start of both.
+        first, rest = (
+            _base.weight_initializer(self.bias_initializer, 1000 + i)
+            for i in range(2)
+        )
         if not self.unit_forget_bias:
-            return self.bias_initializer(shape, dtype=dtype)
+            return first(shape, dtype=dtype)
         units = self.units
         return ops.concatenate(
             [
-                self.bias_initializer((units,), dtype=dtype),
+                first((units,), dtype=dtype),
                 ops.ones((units,), dtype=dtype),
-                self.bias_initializer((2 * units,), dtype=dtype),
+                rest((2 * units,), dtype=dtype),
             ]
         )
 

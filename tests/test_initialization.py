@@ -62,6 +62,17 @@ def test_no_two_weights_share_their_draws(name, seeded):
     assert not shared, f"{name}: equal initial draws in {shared}"
 
 
+def test_larnn_gate_bias_parts_draw_their_own():
+    """LARNN's gate bias [input, forget (ones), cell and output] draws its
+    two random parts from two clones of `bias_initializer`."""
+    keras.utils.set_random_seed(1)
+    (bias,) = [v for k, v in _weights("LARNN", bias_initializer="random_uniform").items()
+               if k.endswith(":bias")]
+    first, forget, rest = bias[:UNITS], bias[UNITS:2 * UNITS], bias[2 * UNITS:]
+    np.testing.assert_array_equal(forget, 1.0)
+    assert first.std() > 0 and not _same_draws(first, rest)
+
+
 @pytest.mark.parametrize("name", ["AttnRNN", "LARNN", "AarenBlock"])
 def test_initial_weights_are_reproducible(name):
     keras.utils.set_random_seed(5)
