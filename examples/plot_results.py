@@ -116,7 +116,9 @@ def plot_etth1(records, output):
     runs = collections.defaultdict(list)
     for r in records:
         if r.get("experiment") == "etth1" and not r.get("quick"):
-            runs[r["model"]].append(r)
+            # Runs before the initial-weights fix apart (docs/results.md).
+            shared = r.get("initial_draws") == "shared"
+            runs[r["model"] + (" (equal k/v kernels)" if shared else "")].append(r)
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
     colors = {}
     for mixer, rs in sorted(runs.items()):
