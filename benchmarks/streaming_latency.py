@@ -59,8 +59,7 @@ def open_runtime(runtime, path):
     sys.path.insert(0, EXAMPLES)
     from _runtimes import open_artifact
 
-    fmt = {"onnxruntime": "onnx", "litert": "litert"}[runtime]
-    call = open_artifact(fmt, path, threads=1)
+    call = open_artifact(FORMAT[runtime], path, threads=1)
     return call, call.inputs
 
 
@@ -122,7 +121,9 @@ def build_steps(width, heads, features, directory, check_tokens):
     import keras_attnrnn
 
     sys.path.insert(0, EXAMPLES)
+    from _experiment import rel_error
     from serve_streaming import input_signature
+    from serve_streaming import serve
 
     keras.utils.set_random_seed(0)
     rng = np.random.default_rng(0)
@@ -154,15 +155,9 @@ def build_steps(width, heads, features, directory, check_tokens):
             step.export(path, format=FORMAT[runtime], verbose=False,
                         input_signature=signature)
             paths[name][runtime] = path
-            call, inputs = open_runtime(runtime, path)
-            current, outputs = dict(state), []
-            for t in range(check_tokens):
-                out = call({"inputs": x[:, t], **current})
-                current = {n: np.asarray(out["new_" + n]) for n in current}
-                outputs.append(np.asarray(out["outputs"]))
-            got = np.stack(outputs, axis=1)
-            error = float(np.abs(got - expected).max() / np.abs(expected).max())
-            checks[(name, runtime)] = error
+            call, _ = open_runtime(runtime, path)
+            got, _, _ = serve(call, x, state)
+            checks[(name, runtime)] = rel_error(got, expected)
     return paths, checks
 
 

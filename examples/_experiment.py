@@ -77,6 +77,12 @@ class StepLoss(keras.callbacks.Callback):
         return window_means(self.losses, every)
 
 
+def rel_error(actual, expected):
+    """max |actual - expected| / max |expected| (flash-linear-attention's
+    measure, as tests/helpers.py's)."""
+    return float(np.abs(actual - expected).max() / max(np.abs(expected).max(), 1e-12))
+
+
 def window_means(values, every=20):
     """Means of consecutive groups of `every` values (the last one dropped if short)."""
     n = len(values) // every * every

@@ -23,6 +23,7 @@ import traceback
 import keras
 import numpy as np
 from _experiment import record
+from _experiment import rel_error
 from _runtimes import SUFFIX
 from _runtimes import open_artifact
 
@@ -70,7 +71,7 @@ def probe(name, fmt, directory):
         lines = [line for line in str(error).strip().splitlines() if line.strip()]
         first = lines[0][:160] if lines else ""
         return False, f"{type(error).__name__}: {first}", traceback.format_exc()
-    error = float(np.abs(got - expected).max() / max(np.abs(expected).max(), 1e-12))
+    error = rel_error(got, expected)
     return error <= 1e-4, f"relative error {error:.1e}", ""
 
 

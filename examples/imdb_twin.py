@@ -22,7 +22,6 @@ draws of the initial weights and the batch order), not in the port.
 """
 
 import argparse
-import os
 import time
 
 import numpy as np
@@ -67,10 +66,6 @@ def torch_value(param, transposed):
     return value.T if transposed else value
 
 
-def rel(a, b):
-    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-12))
-
-
 def moved_apart(keras_value, torch_value_, initial):
     """max |Keras - PyTorch| / max |PyTorch - initial|: 0 when the two
     trainings agree, 1 when they differ as much as training moved the weight."""
@@ -84,6 +79,8 @@ def first_batch_gradients(model, torch_model, matched, x, y):
     import keras
     import torch
     import torch.nn.functional as F
+
+    from _experiment import rel_error
 
     loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
@@ -102,9 +99,8 @@ def first_batch_gradients(model, torch_model, matched, x, y):
     by_variable = {id(v): g for v, g in zip(model.trainable_variables, grads)}
     differences = {}
     for variable, name, transposed in matched:
-        expected = params[name].grad.numpy()
-        expected = expected.T if transposed else expected
-        differences[variable.name] = rel(np.asarray(by_variable[id(variable)]), expected)
+        differences[variable.name] = rel_error(np.asarray(by_variable[id(variable)]),
+                                               torch_value(params[name].grad, transposed))
     return float(value), float(torch_loss.detach()), differences
 
 
@@ -186,12 +182,8 @@ def main(argv=None):
         losses["torch"].append(float(loss.detach()))
         if step % args.every == 0 or step == len(batches):
             # Each weight's difference over how far PyTorch's training moved it.
-            apart = {v.name: moved_apart(keras.ops.convert_to_numpy(v),
-                                         torch_value(params[n], t), initial[n])
-                     for v, n, t in matched}
-            worst = max(apart.values())
-            if os.environ.get("TWIN_DEBUG"):
-                print({k: round(a, 3) for k, a in apart.items()})
+            worst = max(moved_apart(keras.ops.convert_to_numpy(v), torch_value(params[n], t),
+                                    initial[n]) for v, n, t in matched)
             weight_difference.append((step, worst))
             window = slice(step - args.every, step)
             print(f"step {step}: loss (mean of {args.every}) Keras "

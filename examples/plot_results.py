@@ -64,11 +64,25 @@ def curves(runs):
     return result
 
 
-def plot(by_model, output, runs):
+def _pyplot():
+    """matplotlib's pyplot, drawing to files (no screen)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, output):
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    fig.savefig(output, dpi=120)
+    print(f"wrote {output}")
+
+
+def plot(by_model, output, runs):
+    plt = _pyplot()
 
     with_loss = any("step_loss_20" in r for rs in runs.values() for r in rs)
     fig, axes = plt.subplots(1, 2 if with_loss else 1, figsize=(11 if with_loss else 6, 4))
@@ -100,18 +114,12 @@ def plot(by_model, output, runs):
         axes[1].set_ylabel("training loss, mean of 20 steps")
         axes[1].set_ylim(0, 0.8)
         axes[1].grid(True, alpha=0.3)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    fig.savefig(output, dpi=120)
-    print(f"wrote {output}")
+    _save(fig, output)
 
 
 def plot_etth1(records, output):
     """Test MSE and MAE by horizon per mixer; validation MSE per epoch."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     runs = collections.defaultdict(list)
     for r in records:
@@ -148,19 +156,13 @@ def plot_etth1(records, output):
     axes[2].set_xlabel("epoch (one line per run, labelled by horizon)")
     axes[2].set_ylabel("validation MSE")
     axes[2].grid(True, alpha=0.3)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    fig.savefig(output, dpi=120)
-    print(f"wrote {output}")
+    _save(fig, output)
     return runs
 
 
 def plot_twin(records, output):
     """Both sides' training loss per 20 steps, and their weights' distance."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     runs = [r for r in records if r.get("experiment") == "imdb_twin" and not r.get("quick")]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
@@ -182,10 +184,7 @@ def plot_twin(records, output):
     for axis in axes:
         axis.grid(True, alpha=0.3)
         axis.legend(fontsize=7)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    fig.savefig(output, dpi=120)
-    print(f"wrote {output}")
+    _save(fig, output)
     return runs
 
 

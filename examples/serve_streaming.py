@@ -34,6 +34,7 @@ import keras
 import numpy as np
 
 import keras_attnrnn
+from _experiment import rel_error
 from _runtimes import SUFFIX
 from _runtimes import open_artifact
 
@@ -105,10 +106,6 @@ def serve(call, sequence, state):
         state = {name: result["new_" + name] for name in state}
         outputs.append(result["outputs"])
     return np.stack(outputs, axis=1), state, float(np.median(times))
-
-
-def rel_error(actual, expected):
-    return float(np.abs(actual - expected).max() / max(np.abs(expected).max(), 1e-12))
 
 
 def load_layer(path, kind):
