@@ -1,5 +1,6 @@
 """Test helpers shared by the whole suite (backend-agnostic)."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -8,6 +9,7 @@ import textwrap
 
 import keras
 import numpy as np
+import pytest
 
 BACKEND = keras.config.backend()
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -290,6 +292,14 @@ def read_jsonl(path):
     """The records of a JSON-lines file the experiment scripts append to."""
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def skip_unless_installed(modules):
+    """Skips the test when any of `modules` is not installed (the export
+    runtimes and converters are not dependencies)."""
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        pytest.skip(f"{', '.join(missing)} not installed (not a dependency)")
 
 
 def export_and_run(make_layer, fmt, folder, rng, batch=2, time=5, features=4):

@@ -3,7 +3,6 @@ cell, and a SavedModel (through jax2tf) for LARNN and Aaren, each run in its
 own runtime with Keras's outputs. jax2onnx, onnxruntime and TensorFlow are
 not dependencies of the jax backend: the tests skip without them."""
 
-import importlib.util
 import os
 import sys
 
@@ -12,6 +11,7 @@ import pytest
 from helpers import BACKEND
 from helpers import assert_close
 from helpers import export_and_run
+from helpers import skip_unless_installed
 
 # The layers and runtimes of examples/export_matrix.py (docs/export.md's table).
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
@@ -36,8 +36,6 @@ NEEDS = {"onnx": ("jax2onnx", "onnxruntime"), "tf_saved_model": ("tensorflow",)}
     "fmt, name", [(fmt, name) for fmt, names in WORKS.items() for name in names]
 )
 def test_export_runs_in_its_runtime(fmt, name, tmp_path, rng):
-    missing = [m for m in NEEDS[fmt] if importlib.util.find_spec(m) is None]
-    if missing:
-        pytest.skip(f"{', '.join(missing)} not installed (not a dependency)")
+    skip_unless_installed(NEEDS[fmt])
     got, expected = export_and_run(LAYERS[name], fmt, tmp_path, rng, BATCH, TIME, FEATURES)
     assert_close(got, expected, 1e-5, f"{name} {fmt}")

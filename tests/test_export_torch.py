@@ -6,7 +6,6 @@ The fused layers' native kernels (the AttnRNN C++ loop, LARNN's
 a traceable implementation serves the call, so export needs no setting.
 """
 
-import importlib.util
 import os
 import sys
 
@@ -17,6 +16,7 @@ import keras_attnrnn
 from helpers import BACKEND
 from helpers import assert_close
 from helpers import export_and_run
+from helpers import skip_unless_installed
 from helpers import to_numpy
 
 # The runtimes are called as examples/export_matrix.py (docs/export.md's
@@ -127,9 +127,7 @@ def test_traced_call_declines_native_kernels():
 def test_export_runs_in_its_runtime(fmt, name, tmp_path, rng):
     """ONNX Runtime, OpenVINO and LiteRT run the exported model with Keras's
     outputs (their packages are not dependencies: skipped without)."""
-    missing = [m for m in RUNTIME[fmt] if importlib.util.find_spec(m) is None]
-    if missing:
-        pytest.skip(f"{', '.join(missing)} not installed (not a dependency)")
+    skip_unless_installed(RUNTIME[fmt])
     got, expected = export_and_run({**LAYERS, **CELLS}[name], fmt, tmp_path, rng,
                                    BATCH, TIME, FEATURES)
     assert_close(got, expected, 1e-5, f"{name} {fmt}")
