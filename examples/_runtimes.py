@@ -6,7 +6,29 @@ It imports only NumPy and the runtime of the format asked for: no Keras, no
 keras_attnrnn, so an artifact is checked the way a server would run it.
 """
 
+import importlib.util
+
 import numpy as np
+
+# The modules that `model.export(format=...)` on each backend and the
+# format's runtime here need (none of them a dependency: the `export*`
+# extras of pyproject.toml).
+NEEDS = {
+    "tensorflow": {"tf_saved_model": (), "onnx": ("tf2onnx", "onnxruntime"),
+                   "openvino": ("openvino",), "litert": ("ai_edge_litert",)},
+    # SavedModel through jax2tf; ONNX through jax2onnx.
+    "jax": {"tf_saved_model": ("tensorflow",), "onnx": ("jax2onnx", "onnxruntime"),
+            "openvino": ("openvino",)},
+    "torch": {"onnx": ("onnx", "onnxruntime"), "openvino": ("openvino",),
+              "litert": ("litert_torch", "ai_edge_litert"), "torch": ()},
+}
+
+
+def missing_modules(backend, fmt):
+    """The modules exporting to `fmt` on `backend` and running it need that
+    are not installed."""
+    return [m for m in NEEDS[backend][fmt] if importlib.util.find_spec(m) is None]
+
 
 # The file name ending `model.export` expects for each format.
 SUFFIX = {"tf_saved_model": "", "onnx": ".onnx", "openvino": ".xml", "litert": ".tflite",

@@ -24,7 +24,6 @@ default only the Keras step runs there.
 """
 
 import argparse
-import importlib.util
 import os
 import sys
 import tempfile
@@ -36,6 +35,7 @@ import numpy as np
 import keras_attnrnn
 from _experiment import rel_error
 from _runtimes import SUFFIX
+from _runtimes import missing_modules
 from _runtimes import open_artifact
 
 MODELS = {
@@ -54,22 +54,8 @@ LAYER_TYPES = {
 # The formats whose artifacts serve every model token by token, by backend
 # (docs/export.md, "Streaming"), each with the modules it needs to export and
 # to run; the default is the first two.
-FORMATS = {
-    "tensorflow": {"litert": ("ai_edge_litert",), "onnx": ("tf2onnx", "onnxruntime"),
-                   "tf_saved_model": (), "openvino": ("openvino",)},
-    "torch": {"onnx": ("onnx", "onnxruntime"), "torch": (),
-              "litert": ("litert_torch", "ai_edge_litert")},
-    # SavedModel through jax2tf serves LARNN and Aaren; AttnRNN's erf does
-    # not load in TensorFlow (docs/export.md).
-    "jax": {"onnx": ("jax2onnx", "onnxruntime"), "tf_saved_model": ("tensorflow",)},
-}
 DEFAULT_FORMATS = {"tensorflow": ["litert", "onnx"], "torch": ["onnx", "torch"],
                    "jax": ["onnx"]}
-
-
-def missing_modules(backend, fmt):
-    """The modules `fmt` needs on `backend` that are not installed."""
-    return [m for m in FORMATS[backend].get(fmt, ()) if importlib.util.find_spec(m) is None]
 
 
 def open_step(fmt, path, output_names):

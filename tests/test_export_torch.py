@@ -22,6 +22,7 @@ from helpers import to_numpy
 # The runtimes are called as examples/export_matrix.py (docs/export.md's
 # table) calls them.
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
+from _runtimes import NEEDS  # noqa: E402
 from export_matrix import SUFFIX  # noqa: E402
 from export_matrix import _run_artifact  # noqa: E402
 
@@ -58,8 +59,6 @@ WORKS = {
                "RNN(AarenCell)", "Aaren"],
 }
 # What each format needs installed to export and to run (not dependencies).
-RUNTIME = {"onnx": ("onnxruntime",), "openvino": ("openvino",),
-           "litert": ("litert_torch", "ai_edge_litert")}
 NATIVE = {"AttnRNN": ("attnrnn", "torch_cpp"), "LARNN": ("larnn", "torch_cpu")}
 
 
@@ -127,7 +126,7 @@ def test_traced_call_declines_native_kernels():
 def test_export_runs_in_its_runtime(fmt, name, tmp_path, rng):
     """ONNX Runtime, OpenVINO and LiteRT run the exported model with Keras's
     outputs (their packages are not dependencies: skipped without)."""
-    skip_unless_installed(RUNTIME[fmt])
+    skip_unless_installed(NEEDS["torch"][fmt])
     got, expected = export_and_run({**LAYERS, **CELLS}[name], fmt, tmp_path, rng,
                                    BATCH, TIME, FEATURES)
     assert_close(got, expected, 1e-5, f"{name} {fmt}")

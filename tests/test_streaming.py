@@ -19,7 +19,7 @@ from helpers import to_numpy
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
 from serve_streaming import SUFFIX  # noqa: E402
 from serve_streaming import input_signature  # noqa: E402
-from serve_streaming import missing_modules  # noqa: E402
+from _runtimes import missing_modules  # noqa: E402
 from serve_streaming import open_step  # noqa: E402
 from serve_streaming import serve  # noqa: E402
 
