@@ -328,11 +328,16 @@ class Run:
     def finished(self):
         return os.path.exists(self._path("record.json"))
 
+    @property
+    def finished_record(self):
+        """The finished run's record (its JSON line), else None."""
+        return _read_json(self._path("record.json"))
+
     def skip(self, results):
         """True (and the record made sure of in `results`) if finished."""
         if not self.finished:
             return False
-        fields = _read_json(self._path("record.json"))
+        fields = self.finished_record
         if not any(r.get("run_id") == self.run_id for r in load_records(results)):
             # Killed between record.json and the results file.
             record(results, **fields)

@@ -5,13 +5,17 @@ import json
 import os
 import re
 import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 from helpers import BACKEND
+from helpers import REPO
 from helpers import read_jsonl
 from helpers import run_example
+
+EXAMPLES = os.path.join(REPO, "examples")
 
 
 def test_imdb_quick(tmp_path):
@@ -66,6 +70,23 @@ def test_uea_classify_quick(dataset, model):
     )
     chance = 1 / 9 if dataset == "JapaneseVowels" else 1 / 4
     assert chance < accuracy <= 1.0, accuracy
+
+
+def test_uea_stratified_folds_deal_each_class_evenly():
+    sys.path.insert(0, EXAMPLES)
+    try:
+        from uea_classify import stratified_folds
+    finally:
+        sys.path.remove(EXAMPLES)
+    labels = np.random.default_rng(0).permutation(np.repeat([0, 1, 3, 4], [10, 10, 7, 13]))
+    fold = stratified_folds(labels, 5, seed=3)
+    assert sorted(np.bincount(fold, minlength=5)) == [8, 8, 8, 8, 8]
+    for label in (0, 1, 3, 4):
+        counts = np.bincount(fold[labels == label], minlength=5)
+        assert counts.max() - counts.min() <= 1, (label, counts)
+    assert not np.array_equal(fold, stratified_folds(labels, 5, seed=4))
+    with pytest.raises(ValueError, match="folds=8: a class has only 7 training series"):
+        stratified_folds(labels, 8, seed=3)
 
 
 @pytest.mark.slow

@@ -16,6 +16,7 @@ its process).
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -225,6 +226,33 @@ def test_synthetic_task_resumes_exactly(tmp_path):
     name = "step-000006.weights.h5"
     assert_same_h5(os.path.join(run_dir(runs, "adding", "gru-T6-seed1"), name),
                    os.path.join(run_dir(str(tmp_path / "full"), "adding", "gru-T6-seed1"), name))
+
+
+def test_cross_validated_uea_run_resumes_exactly(tmp_path):
+    """uea_classify.py --folds: each fold a run of its own, then the refit on
+    the whole training set. Killed inside the first fold and resumed, every
+    figure equals the uninterrupted run's; finished folds are read back, not
+    trained again."""
+    full_runs, runs = str(tmp_path / "full"), str(tmp_path / "runs")
+    results = str(tmp_path / "uea.jsonl")
+    common = [os.path.join(EXAMPLES, "uea_classify.py"), "--quick", "--folds", "2",
+              "--units", "8", "--results", results]
+    run_python(common + ["--runs-dir", full_runs])
+    run_python(common + ["--runs-dir", runs], expect=3, stop_after=2)
+    out = run_python(common + ["--runs-dir", runs, "--resume"])
+    assert "resumed after 2" in out, out
+    full, resumed = read_jsonl(results)
+    assert [f["fold"] for f in full["folds"]] == [0, 1]
+    assert full["epochs"] == round(np.median([f["best_epoch"] for f in full["folds"]]))
+    assert len(full["history"]["loss"]) == full["epochs"]
+    assert without_times(resumed) == without_times(full)
+    folds = read_jsonl(os.path.join(runs, "uea", "folds.jsonl"))
+    assert [f["fold"] for f in folds] == [0, 1] and folds[0]["resumed_at"] == [2]
+    # Only the refit lost: the folds are read back and the refit redone.
+    shutil.rmtree(run_dir(full_runs, "uea", "JapaneseVowels-aaren-seed1-cv2"))
+    out = run_python(common + ["--runs-dir", full_runs, "--resume"])
+    assert out.count("finished, skipped (--resume)") == 2, out
+    assert without_times(read_jsonl(results)[-1]) == without_times(full)
 
 
 @pytest.fixture
