@@ -1,4 +1,4 @@
-"""IMDB with a standard Keras pipeline: AttnRNN against GRU and LSTM.
+"""IMDB with a standard Keras pipeline: AttnRNN, LARNN and Aaren against GRU and LSTM.
 
 The official 25k/25k split; `TextVectorization` (lowercase, punctuation
 stripped, the `--max-tokens` most frequent training words) adapted on the
@@ -8,7 +8,11 @@ embedding, width, optimizer and epoch budget; the weights of the epoch with
 the best validation accuracy are kept, and the test set is used once, at the
 end.
 
-    python examples/imdb_standard.py --models attnrnn,gru,lstm --seeds 1
+    python examples/imdb_standard.py --models attnrnn,gru,lstm,larnn,aaren --seeds 1
+
+`larnn`: `LARNN(units)` (window 16, 4 heads); `aaren`: `Aaren(units)` (4
+heads), whose last output is its learned query's attention over every
+review token.
     python examples/imdb_standard.py --quick
 
 Each run appends a JSON line to `--results` (default runs/imdb_standard.jsonl).
@@ -63,6 +67,8 @@ def build(args, name):
         "attnrnn": lambda: keras_attnrnn.AttnRNN(args.units, dropout=args.dropout),
         "gru": lambda: keras.layers.GRU(args.units, dropout=args.dropout),
         "lstm": lambda: keras.layers.LSTM(args.units, dropout=args.dropout),
+        "larnn": lambda: keras_attnrnn.LARNN(args.units, dropout=args.dropout),
+        "aaren": lambda: keras_attnrnn.Aaren(args.units, dropout=args.dropout),
     }[name]()
     initializer = (
         keras.initializers.RandomNormal(stddev=1.0)

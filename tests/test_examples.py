@@ -102,10 +102,10 @@ def test_imdb_paper_protocol_quick(tmp_path):
 @pytest.mark.slow
 def test_imdb_standard_pipeline_quick(tmp_path):
     results = str(tmp_path / "standard.jsonl")
-    run_example("imdb_standard.py", "--quick", "--models", "attnrnn,gru",
+    run_example("imdb_standard.py", "--quick", "--models", "attnrnn,gru,aaren",
                 "--results", results)
     runs = read_jsonl(results)
-    assert [r["model"] for r in runs] == ["attnrnn", "gru"]
+    assert [r["model"] for r in runs] == ["attnrnn", "gru", "aaren"]
     assert all(0.0 <= r["test_accuracy"] <= 1.0 for r in runs), runs
 
 
