@@ -26,8 +26,10 @@ NEEDS = {
 
 def missing_modules(backend, fmt):
     """The modules exporting to `fmt` on `backend` and running it need that
-    are not installed."""
-    return [m for m in NEEDS[backend][fmt] if importlib.util.find_spec(m) is None]
+    are not installed (none for a format without an entry: its export then
+    fails with Keras's own error)."""
+    needs = NEEDS[backend].get(fmt, ())
+    return [m for m in needs if importlib.util.find_spec(m) is None]
 
 
 # The file name ending `model.export` expects for each format.

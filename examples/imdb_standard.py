@@ -9,11 +9,11 @@ the best validation accuracy are kept, and the test set is used once, at the
 end.
 
     python examples/imdb_standard.py --models attnrnn,gru,lstm,larnn,aaren --seeds 1
+    python examples/imdb_standard.py --quick
 
 `larnn`: `LARNN(units)` (window 16, 4 heads); `aaren`: `Aaren(units)` (4
 heads), whose last output is its learned query's attention over every
 review token.
-    python examples/imdb_standard.py --quick
 
 Each run appends a JSON line to `--results` (default runs/imdb_standard.jsonl).
 Each run checkpoints after every epoch under `--runs-dir` (default runs/),

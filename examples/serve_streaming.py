@@ -51,9 +51,8 @@ LAYER_TYPES = {
     "larnn": keras_attnrnn.LARNNCell,
     "aaren": keras_attnrnn.AarenCell,
 }
-# The formats whose artifacts serve every model token by token, by backend
-# (docs/export.md, "Streaming"), each with the modules it needs to export and
-# to run; the default is the first two.
+# The formats tried by default, by backend (docs/export.md, "Streaming", lists
+# every format that serves the step; `_runtimes.NEEDS`, what each needs).
 DEFAULT_FORMATS = {"tensorflow": ["litert", "onnx"], "torch": ["onnx", "torch"],
                    "jax": ["onnx"]}
 

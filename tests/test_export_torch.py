@@ -58,7 +58,6 @@ WORKS = {
     "litert": ["RNN(AttnRNNCell)", "AttnRNN", "RNN(LARNNCell)", "LARNN",
                "RNN(AarenCell)", "Aaren"],
 }
-# What each format needs installed to export and to run (not dependencies).
 NATIVE = {"AttnRNN": ("attnrnn", "torch_cpp"), "LARNN": ("larnn", "torch_cpu")}
 
 

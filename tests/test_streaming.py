@@ -17,9 +17,9 @@ from helpers import assert_close
 from helpers import to_numpy
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
+from _runtimes import missing_modules  # noqa: E402
 from serve_streaming import SUFFIX  # noqa: E402
 from serve_streaming import input_signature  # noqa: E402
-from _runtimes import missing_modules  # noqa: E402
 from serve_streaming import open_step  # noqa: E402
 from serve_streaming import serve  # noqa: E402
 
