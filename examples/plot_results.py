@@ -17,6 +17,17 @@ at horizon 336; beside it, each run's validation MSE per epoch.
 imdb_twin (`imdb_twin.py`'s lines): per run, both sides' training loss
 (mean of 20 steps) and how far apart their weights are.
 
+imdb_standard (`imdb_standard.py`'s lines): per model, the validation
+accuracy per epoch (mean over seeds, min-max band) and each seed's test
+accuracy.
+
+UEA (`uea_classify.py`'s lines, with or without `--folds`): per dataset, each
+seed's test accuracy per model, and with cross-validation the folds' mean
+held-out accuracy beside it.
+
+    python examples/plot_results.py --results docs/results/imdb_standard.jsonl --output docs/img/imdb_standard.png
+    python examples/plot_results.py --results docs/results/uea_cv.jsonl --output docs/img/uea_cv.png
+
 Needs matplotlib (`pip install "keras-attnrnn[plots]"`).
 """
 
@@ -188,6 +199,80 @@ def plot_twin(records, output):
     return runs
 
 
+def _by(records, experiment, key):
+    """{key(record): [record, ...]} of the full runs of one experiment."""
+    groups = collections.defaultdict(list)
+    for r in records:
+        if r.get("experiment") == experiment and not r.get("quick"):
+            groups[key(r)].append(r)
+    return dict(groups)
+
+
+def _seed_dots(axis, values_by_model, color=None, marker="o", label=None, offset=0.0):
+    """One column per model: a dot per seed and a bar at the mean."""
+    for x, (model, values) in enumerate(values_by_model):
+        xs = np.full(len(values), x + offset)
+        axis.plot(xs, values, marker, ms=5, color=color or f"C{x}", alpha=0.7,
+                  fillstyle="full" if marker == "o" else "none",
+                  label=label if x == 0 else None)
+        axis.plot([x + offset - 0.15, x + offset + 0.15], [np.mean(values)] * 2, "-",
+                  color=color or f"C{x}", lw=2)
+    axis.set_xticks(range(len(values_by_model)))
+    axis.set_xticklabels([model for model, _ in values_by_model], fontsize=8)
+
+
+def plot_imdb_standard(records, output):
+    """Validation accuracy per epoch per model; each seed's test accuracy."""
+    plt = _pyplot()
+
+    runs = _by(records, "imdb_standard", lambda r: r["model"])
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    models = sorted(runs, key=lambda m: -np.mean([r["test_accuracy"] for r in runs[m]]))
+    for x, model in enumerate(models):
+        epochs = min(len(r["history"]["val_accuracy"]) for r in runs[model])
+        val = np.array([r["history"]["val_accuracy"][:epochs] for r in runs[model]])
+        steps = np.arange(1, epochs + 1)
+        axes[0].plot(steps, val.mean(0), "-o", ms=3, color=f"C{x}",
+                     label=f"{model} (mean of {len(val)} seed{'s' * (len(val) > 1)})")
+        axes[0].fill_between(steps, val.min(0), val.max(0), color=f"C{x}", alpha=0.2)
+        axes[0].set_xticks(steps)
+    _seed_dots(axes[1], [(m, [r["test_accuracy"] for r in runs[m]]) for m in models])
+    axes[0].set_xlabel("epoch")
+    axes[0].set_ylabel("validation accuracy (5,000 held-out training reviews)")
+    axes[0].set_title("IMDB, standard Keras pipeline", fontsize=9)
+    axes[0].legend(fontsize=7)
+    axes[1].set_ylabel("test accuracy (dots: seeds, bar: mean)")
+    axes[1].set_title("the best validation epoch's weights, test set once", fontsize=9)
+    for axis in axes:
+        axis.grid(True, alpha=0.3)
+    _save(fig, output)
+    return runs
+
+
+def plot_uea(records, output):
+    """Per dataset, each seed's test accuracy per model (and the CV accuracy)."""
+    plt = _pyplot()
+
+    runs = _by(records, "uea", lambda r: (r["dataset"], r["model"]))
+    datasets = sorted({dataset for dataset, _ in runs})
+    fig, axes = plt.subplots(1, len(datasets), figsize=(5.5 * len(datasets), 4), squeeze=False)
+    for axis, dataset in zip(axes[0], datasets):
+        models = sorted(model for d, model in runs if d == dataset)
+        _seed_dots(axis, [(m, [r["test_accuracy"] for r in runs[dataset, m]]) for m in models],
+                   color="C0", label="test (dots: seeds, bar: mean)", offset=-0.1)
+        cv = [(m, [r["cv_accuracy"] for r in runs[dataset, m]]) for m in models
+              if all("cv_accuracy" in r for r in runs[dataset, m])]
+        if len(cv) == len(models):
+            _seed_dots(axis, cv, color="C1", marker="s", offset=0.1,
+                       label="cross-validation (held-out folds, mean per seed)")
+        axis.set_title(f"UEA {dataset}", fontsize=9)
+        axis.set_ylabel("accuracy")
+        axis.grid(True, alpha=0.3)
+        axis.legend(fontsize=7)
+    _save(fig, output)
+    return runs
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--results", default="runs/imdb_paper.jsonl")
@@ -209,6 +294,23 @@ def main(argv=None):
                       f"{r['best_epoch']})")
         if not runs:
             parser.error(f"no full etth1 runs in {args.results}")
+        return
+    if any(r.get("experiment") == "imdb_standard" for r in records):
+        runs = plot_imdb_standard(records, args.output)
+        for model, rs in sorted(runs.items()):
+            print(f"{model}: test accuracy "
+                  + ", ".join(f"{r['test_accuracy']:.4f}" for r in rs)
+                  + f"; mean {np.mean([r['test_accuracy'] for r in rs]):.4f}")
+        if not runs:
+            parser.error(f"no full imdb_standard runs in {args.results}")
+        return
+    if any(r.get("experiment") == "uea" for r in records):
+        runs = plot_uea(records, args.output)
+        for (dataset, model), rs in sorted(runs.items()):
+            print(f"{dataset} {model}: test accuracy "
+                  + ", ".join(f"{r['test_accuracy']:.4f}" for r in rs))
+        if not runs:
+            parser.error(f"no full uea runs in {args.results}")
         return
     runs = runs_by_label(records)
     by_model = curves(runs)
